@@ -1,0 +1,154 @@
+"""The `fdpo` command line.
+
+    fdpo train RECIPE [--resume] [--key value ...]   train one recipe (also under `accelerate launch -m fdpo`)
+    fdpo pipeline RECIPE [--from STAGE]              run a multi-stage recipe (tiny → data → sft → … → eval)
+    fdpo eval CHECKPOINT --task TASK -k 1,4,16       pass@k, mean reward and diversity of a checkpoint
+    fdpo tiny OUT_DIR                                build the offline tiny model + tokenizer
+    fdpo data TASK OUT_DIR                           write a synthetic task's data for every stage
+    fdpo divergences                                 the registry of divergences as a table
+    fdpo keys TRAINER                                every valid recipe key of a trainer, with help
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from fdpo.recipe.validate import RecipeError
+
+
+def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from fdpo.recipe import load_recipe, parse_overrides
+    from fdpo.train import run_training, use_cpu_backend_if_no_gpu
+
+    use_cpu_backend_if_no_gpu()
+    recipe = load_recipe(args.recipe, parse_overrides(extra))
+    metrics = run_training(recipe, resume=args.resume)
+    print(f"fdpo: trained {recipe.path} for {metrics['global_step']} steps → {recipe.training_args.output_dir}")
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace, extra: list[str]) -> int:
+    from fdpo.pipeline import run_pipeline
+
+    run_pipeline(args.recipe, from_stage=args.from_stage, overrides=extra)
+    return 0
+
+
+def _cmd_tiny(args: argparse.Namespace, extra: list[str]) -> int:
+    from fdpo.models.tiny import build_tiny_model
+
+    path = build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, task=args.task)
+    print(f"fdpo: tiny {args.arch} model and tokenizer saved to {path}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    from fdpo.data.tasks import write_task_data
+
+    files = write_task_data(args.task, args.out_dir, seed=args.seed)
+    for kind, path in files.items():
+        print(f"{kind:>12}: {path}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from fdpo.eval import evaluate_checkpoint, render_eval_table
+
+    ks = tuple(int(k) for k in args.k.split(","))
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        task=args.task,
+        ks=ks,
+        num_samples=max(args.num_samples, max(ks)),
+        num_prompts=args.num_prompts,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        out_json=args.out,
+        data_file=args.data,
+    )
+    render_eval_table(result)
+    return 0
+
+
+def _cmd_divergences(args: argparse.Namespace, extra: list[str]) -> int:
+    from fdpo.divergences import print_divergence_table
+
+    print_divergence_table()
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace, extra: list[str]) -> int:
+    from fdpo.recipe import all_keys
+
+    for key, help_text in sorted(all_keys(args.trainer).items()):
+        print(f"{key:40s} {help_text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fdpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one recipe; extra --key value pairs override recipe keys")
+    p.add_argument("recipe")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.set_defaults(func=_cmd_train, allow_extra=True)
+
+    p = sub.add_parser("pipeline", help="run the stages of a pipeline recipe in order")
+    p.add_argument("recipe")
+    p.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on")
+    p.set_defaults(func=_cmd_pipeline, allow_extra=True)
+
+    p = sub.add_parser("tiny", help="build the offline tiny model and tokenizer")
+    p.add_argument("out_dir")
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="sum_pairs")
+    p.set_defaults(func=_cmd_tiny)
+
+    p = sub.add_parser("data", help="write a synthetic task's data files (SFT, preference, negatives, RL, eval)")
+    p.add_argument("task")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("eval", help="pass@k, mean reward and diversity of a checkpoint on a task")
+    p.add_argument("checkpoint")
+    p.add_argument("--task", default="sum_pairs")
+    p.add_argument("-k", default="1,4,16", help="comma-separated k values for pass@k")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="eval prompts (JSONL); default: the task's held-out prompts")
+    p.add_argument("--out", default=None, help="JSON output path (default: CHECKPOINT/eval_TASK.json)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("divergences", help="list the registered divergences")
+    p.set_defaults(func=_cmd_divergences)
+
+    p = sub.add_parser("keys", help="list every valid recipe key of a trainer")
+    p.add_argument("trainer")
+    p.set_defaults(func=_cmd_keys)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "allow_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        code = args.func(args, extra)
+    except RecipeError as exc:
+        print(f"fdpo: error: {exc}", file=sys.stderr)
+        code = 2
+    if __name__ == "__main__" or argv is None:
+        sys.exit(code)
+    return code

@@ -1,0 +1,60 @@
+"""Which trainer a recipe's `trainer:` key names, what data it needs, and how it is built.
+
+Imports of the heavy trainer modules are lazy so that `fdpo --help` and recipe validation stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fdpo.recipe.validate import RecipeError, nearest
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """One objective: its trainer/config classes and its data contract."""
+
+    name: str
+    module: str
+    trainer_name: str
+    config_name: str
+    # alternatives: the data must have all columns of at least one of these sets
+    column_sets: tuple[tuple[str, ...], ...]
+    text_columns: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def config_class(self) -> type:
+        return getattr(importlib.import_module(self.module), self.config_name)
+
+    def trainer_class(self) -> Callable[..., Any]:
+        return getattr(importlib.import_module(self.module), self.trainer_name)
+
+    def required_columns(self, available: list[str]) -> tuple[str, ...]:
+        """The first column set that `available` satisfies, else the first (for the error message)."""
+        for cols in self.column_sets:
+            if all(c in available for c in cols):
+                return cols
+        return self.column_sets[0]
+
+
+TRAINERS: dict[str, TrainerSpec] = {
+    "sft": TrainerSpec(
+        name="sft",
+        module="fdpo.trainers.sft",
+        trainer_name="FSFTTrainer",
+        config_name="FSFTConfig",
+        column_sets=(("prompt", "completion"), ("messages",), ("text",)),
+        text_columns=("prompt", "completion", "messages", "text"),
+    ),
+}
+
+
+def get_trainer_spec(name: str) -> TrainerSpec:
+    if name not in TRAINERS:
+        hint = nearest(name, TRAINERS)
+        extra = f" Did you mean '{hint}'?" if hint else ""
+        raise RecipeError(f"unknown trainer '{name}'; valid: {sorted(TRAINERS)}.{extra}")
+    return TRAINERS[name]
