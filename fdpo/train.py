@@ -138,6 +138,9 @@ def run_training(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     metrics["wall_time_s"] = round(time.time() - start, 2)
     metrics["global_step"] = trainer.state.global_step
     metrics["resumed_from"] = checkpoint
+    metrics["world_size"] = trainer.accelerator.num_processes
+    metrics["distributed_type"] = str(trainer.accelerator.distributed_type.value)
+    metrics["backend"] = trainer.accelerator.state.backend
     metrics["log_history"] = trainer.state.log_history
     if is_main:
         write_json(out_dir / RUN_MARKER, metrics)

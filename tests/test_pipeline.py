@@ -1,0 +1,75 @@
+"""Pipelines: stages in order, complete stages skipped, `--from` reruns later stages only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fdpo.pipeline import parse_pipeline, run_pipeline
+from fdpo.recipe import RecipeError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_parse_errors_name_stage_and_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"stage 0 \('m'\): kind 'tinyy'.*'tiny'"):
+        parse_pipeline(_write(tmp_path, {"run_dir": "r", "stages": [{"name": "m", "kind": "tinyy"}]}))
+    with pytest.raises(RecipeError, match=r"unknown key 'sed'.*'seed'"):
+        parse_pipeline(_write(tmp_path, {"run_dir": "r", "stages": [{"name": "m", "kind": "tiny", "sed": 1}]}))
+    bad_ref = {
+        "run_dir": "r",
+        "stages": [{"name": "e", "kind": "eval", "checkpoint": {"from_stage": "later"}},
+                   {"name": "later", "kind": "tiny"}],
+    }
+    with pytest.raises(RecipeError, match="not an earlier stage"):
+        parse_pipeline(_write(tmp_path, bad_ref))
+    with pytest.raises(RecipeError, match="duplicate"):
+        parse_pipeline(_write(tmp_path, {"run_dir": "r", "stages": [{"name": "a", "kind": "tiny"}] * 2}))
+
+
+def test_quickstart_recipe_parses():
+    _run_dir, stages = parse_pipeline(REPO / "recipes" / "tiny" / "quickstart.yaml")
+    assert [s.kind for s in stages][:2] == ["tiny", "data"]
+
+
+def test_skip_and_from(tmp_path):
+    run_dir = tmp_path / "run"
+    pipe = _write(
+        tmp_path,
+        {
+            "run_dir": str(run_dir),
+            "stages": [
+                {"name": "model", "kind": "tiny", "seed": 0},
+                {"name": "data", "kind": "data", "task": "sum_pairs"},
+                {
+                    "name": "sft",
+                    "kind": "train",
+                    "recipe": str(REPO / "recipes" / "tiny" / "sft.yaml"),
+                    "overrides": {
+                        "model_name_or_path": {"from_stage": "model"},
+                        "dataset_name": {"from_stage": "data", "file": "sft.jsonl"},
+                        "max_steps": 2,
+                        "per_device_train_batch_size": 4,
+                        "save_strategy": "no",
+                    },
+                },
+            ],
+        },
+    )
+    first = run_pipeline(pipe)
+    assert [r.status for r in first] == ["ran", "ran", "ran"]
+    assert (run_dir / "pipeline_summary.json").is_file()
+    second = run_pipeline(pipe)
+    assert [r.status for r in second] == ["skipped", "skipped", "skipped"]
+    third = run_pipeline(pipe, from_stage="sft")
+    assert [r.status for r in third] == ["skipped", "skipped", "ran"]
+    with pytest.raises(RecipeError, match="no such stage"):
+        run_pipeline(pipe, from_stage="sfft")
