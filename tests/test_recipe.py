@@ -91,8 +91,8 @@ def test_missing_required_keys_and_files(tmp_path):
 
 
 def test_overrides_are_parsed_and_validated(tmp_path):
-    over = parse_overrides(["--max_steps", "7", "--learning_rate=2e-4", "--bf16", "false"])
-    assert over == {"max_steps": 7, "learning_rate": "2e-4", "bf16": False}
+    over = parse_overrides(["--max_steps", "7", "--learning_rate=2e-4", "--bf16", "false", "--save_strategy", "no"])
+    assert over == {"max_steps": 7, "learning_rate": 2e-4, "bf16": False, "save_strategy": "no"}
     recipe = load_recipe(write_recipe(tmp_path), over)
     assert recipe.training_args.max_steps == 7
     assert recipe.training_args.learning_rate == pytest.approx(2e-4)

@@ -84,13 +84,35 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans (`save_strategy: no` stays the string "no"),
+    and `1e-3` is a float."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool",)]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)
+
+
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def parse_override_value(text: str) -> Any:
     """A `--key value` override is parsed as YAML (so `--lr 1e-3`, `--use_peft true`, `--ks [1,4]` work)."""
-    value = yaml.safe_load(text)
-    return value
+    return yaml_load(text)
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
@@ -118,7 +140,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise RecipeError(f"recipe file {path} does not exist.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
