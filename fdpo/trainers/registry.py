@@ -49,6 +49,14 @@ TRAINERS: dict[str, TrainerSpec] = {
         column_sets=(("prompt", "completion"), ("messages",), ("text",)),
         text_columns=("prompt", "completion", "messages", "text"),
     ),
+    "dpo": TrainerSpec(
+        name="dpo",
+        module="fdpo.trainers.dpo",
+        trainer_name="FDPOTrainer",
+        config_name="FDPOConfig",
+        column_sets=(("prompt", "chosen", "rejected"),),
+        text_columns=("prompt", "chosen", "rejected"),
+    ),
 }
 
 

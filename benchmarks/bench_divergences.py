@@ -1,0 +1,251 @@
+"""Full-vocabulary divergence: fdpo's chunked paths vs naive one-shot log_softmax vs TRL 1.16.
+
+    python benchmarks/bench_divergences.py            # logits (4, 512, 32000) fp32, hidden 256
+    python benchmarks/bench_divergences.py --quick    # small shapes, seconds
+    python benchmarks/bench_divergences.py --batch 2 --seq 256 --vocab 32000 --reps 3
+
+Part 1 (from logits): forward + backward of Σ_positions D_f(π‖π_ref) with the policy logits
+requiring grad, for reverse KL, forward KL and JS: ``fdpo`` = :func:`full_vocab_divergence`,
+``naive`` = log_softmax of both full tensors and the per-token formula, autograd for the rest.
+Part 2 (from hidden states, lm_head vocab × hidden): ``fdpo`` = the fused
+:func:`full_vocab_divergence_from_hidden`, ``naive`` = materialise both logits then as above,
+``trl`` = ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (beta 1 = reverse KL,
+0 = forward KL, 0.5 = JS) with CPU-sized tiles, ``liger`` = liger-kernel's chunked JSD if it is
+importable (JS only; skipped otherwise).
+
+Time: best of ``--reps`` forward+backward runs after one warm-up run (wall clock).
+Memory: each variant runs in a fresh subprocess (glibc's mmap threshold pinned to 64 KiB, so
+freed blocks go back to the OS and RSS follows live memory; torch's CPU allocator does not cache).
+After building the inputs, a dummy tensor of the size of the gradient buffers is written and freed,
+then the high-water RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is read: the baseline.
+"extra peak" = high-water RSS after the warm-up forward+backward − baseline, i.e. the peak memory
+beyond the inputs and the gradient buffers. On CUDA it is torch.cuda.max_memory_allocated
+beyond the same baseline. Ratios are fdpo / other, from one run of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DIVERGENCES = {"reverse_kl": 1.0, "forward_kl": 0.0, "js": 0.5}  # name → TRL beta
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _naive_divergence(z, zr, name):
+    import torch
+
+    logp = torch.log_softmax(z.float(), dim=-1)
+    logq = torch.log_softmax(zr.float(), dim=-1)
+    if name == "reverse_kl":
+        return (logp.exp() * (logp - logq)).sum(-1)
+    if name == "forward_kl":
+        return (logq.exp() * (logq - logp)).sum(-1)
+    log_m = torch.logaddexp(logp, logq) - math.log(2.0)
+    return 0.5 * (logp.exp() * (logp - log_m) + logq.exp() * (logq - log_m)).sum(-1)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    b, t, v, hdim = args.batch, args.seq, args.vocab, args.hidden
+    n = b * t
+    variant, name = args.variant, args.divergence
+
+    if args.part == "logits":
+        z = (3.0 * torch.randn(b, t, v, device=device)).requires_grad_(True)
+        zr = 3.0 * torch.randn(b, t, v, device=device)
+        grad_numel = z.numel()
+        params = [z]
+    else:
+        h = torch.randn(n, hdim, device=device).requires_grad_(True)
+        w = (torch.randn(v, hdim, device=device) / math.sqrt(hdim) * 3).requires_grad_(True)
+        hr = torch.randn(n, hdim, device=device)
+        wr = torch.randn(v, hdim, device=device) / math.sqrt(hdim) * 3
+        grad_numel = h.numel() + w.numel()
+        params = [h, w]
+
+    from fdpo.divergences import full_vocab_divergence, full_vocab_divergence_from_hidden
+
+    if variant == "trl":
+        import trl.kernels.chunked_divergence as tcd
+
+        tcd.TOKEN_CHUNK_SIZE = args.trl_token_chunk
+        tcd.VOCAB_CHUNK_SIZE = args.trl_vocab_chunk
+
+    def step():
+        if args.part == "logits":
+            if variant == "fdpo":
+                d = full_vocab_divergence(z, zr, name, chunk_size=args.chunk_size)
+            else:
+                d = _naive_divergence(z, zr, name)
+        elif variant == "fdpo":
+            d = full_vocab_divergence_from_hidden(h, w, hr, wr, name, chunk_size=args.chunk_size)
+        elif variant == "naive":
+            with torch.no_grad():
+                logits_r = hr @ wr.t()
+            d = _naive_divergence(h @ w.t(), logits_r, name)
+        elif variant == "trl":
+            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+            d, _ = ChunkedDivergenceFunction.apply(h, w, None, hr, wr, None, DIVERGENCES[name])
+        elif variant == "liger":
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # type: ignore
+
+            loss_fn = LigerFusedLinearJSDLoss(jsd_beta=0.5)
+            return loss_fn(h, w, hr, wr, torch.zeros(n, dtype=torch.long, device=device)).backward()
+        else:
+            raise ValueError(variant)
+        d.sum().backward()
+        for p in params:
+            p.grad = None
+
+    # baseline: inputs + a written gradient-sized buffer
+    if cuda:
+        torch.cuda.synchronize()
+        dummy = torch.ones(grad_numel, device=device)
+        base = torch.cuda.max_memory_allocated()
+        del dummy
+        torch.cuda.reset_peak_memory_stats()
+        step()  # warm-up, measured for memory
+        torch.cuda.synchronize()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        dummy = torch.ones(grad_numel)
+        base = _rss_mb()
+        del dummy
+        step()
+        extra = _rss_mb() - base
+
+    times = []
+    for _ in range(args.reps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"time_s": min(times), "extra_mb": max(extra, 0.0)}
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def _run_variant(args: argparse.Namespace, part: str, variant: str, name: str) -> dict | None:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_worker",
+        "--part", part, "--variant", variant, "--divergence", name,
+        "--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab),
+        "--hidden", str(args.hidden), "--reps", str(args.reps), "--device", args.device,
+        "--trl-token-chunk", str(args.trl_token_chunk), "--trl-vocab-chunk", str(args.trl_vocab_chunk),
+    ]  # fmt: skip
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        print(f"  [{part}/{variant}/{name}] skipped: {msg}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _liger_available() -> bool:
+    try:
+        import liger_kernel  # type: ignore  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--chunk-size", type=int, default=0, help="fdpo positions per chunk (0: default)")
+    p.add_argument("--trl-token-chunk", type=int, default=256)
+    p.add_argument("--trl-vocab-chunk", type=int, default=8192)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes (2, 128, 8000), hidden 128")
+    p.add_argument("--parts", default="logits,hidden")
+    p.add_argument("--divergences", default=",".join(DIVERGENCES))
+    p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--part", help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--divergence", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._worker:
+        print(json.dumps(_worker(args)))
+        return 0
+    if args.quick:
+        args.batch, args.seq, args.vocab, args.hidden = 2, 128, 8000, 128
+
+    import torch
+
+    names = [n for n in args.divergences.split(",") if n]
+    print(
+        f"shape (batch, seq, vocab) = ({args.batch}, {args.seq}, {args.vocab}), hidden {args.hidden}, "
+        f"fp32, device {args.device}, torch threads {torch.get_num_threads()}, best of {args.reps}"
+    )
+    print("extra peak = peak memory beyond inputs and gradient buffers (see module docstring)\n")
+    for part in args.parts.split(","):
+        variants = ["fdpo", "naive"] + (["trl"] if part == "hidden" else [])
+        if part == "hidden" and _liger_available():
+            variants.append("liger")
+        print(
+            f"## from {part}"
+            + (f" (TRL tiles {args.trl_token_chunk}×{args.trl_vocab_chunk})" if part == "hidden" else "")
+        )
+        header = (
+            "| divergence | variant | time (s) | extra peak (MiB) | fdpo time ratio | fdpo memory ratio |"
+        )
+        print(header)
+        print("|---|---|---|---|---|---|")
+        for name in names:
+            results = {}
+            for variant in variants:
+                if variant == "liger" and name != "js":
+                    continue
+                results[variant] = _run_variant(args, part, variant, name)
+            mine = results.get("fdpo")
+            for variant, res in results.items():
+                if res is None:
+                    print(f"| {name} | {variant} | failed | | | |")
+                    continue
+                if variant == "fdpo" or mine is None:
+                    tr = mr = "—"
+                else:
+                    tr = f"{mine['time_s'] / res['time_s']:.2f}×"
+                    mr = f"{mine['extra_mb'] / res['extra_mb']:.3f}×" if res["extra_mb"] > 0 else "n/a"
+                print(f"| {name} | {variant} | {res['time_s']:.3f} | {res['extra_mb']:.0f} | {tr} | {mr} |")
+        if part == "hidden" and "liger" not in variants:
+            print("(liger-kernel is not installed: its chunked JSD was skipped)")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

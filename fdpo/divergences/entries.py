@@ -1,0 +1,525 @@
+"""The registered f-divergences: one small class per entry (objectives.md §0 table).
+
+D_f(π ‖ π_ref) = Σ_v π_ref(v) f(u(v)), u = π/π_ref = e^ℓ. Each class gives f and f′ in log space
+(plus the overflow-free forms f/u and u·f′, and closed forms of the per-token full-vocabulary terms
+q·f(p/q) and p·f′(p/q) in terms of log p and log q). To add a divergence, add one class here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from fdpo.divergences.base import Divergence, VocabChunk
+from fdpo.divergences.numerics import (
+    _horner,
+    alpha_series_coefficients,
+    exp_m1_mx,
+    series_switch,
+    series_terms,
+    x_exp_m_expm1,
+)
+from fdpo.divergences.registry import register
+
+_FROZEN = {"frozen": True, "repr": False}
+
+
+# --------------------------------------------------------------------------------------------
+# reverse KL and forward KL
+# --------------------------------------------------------------------------------------------
+
+
+@register
+@dataclass(**_FROZEN)
+class ReverseKL(Divergence):
+    """f(u) = u log u: D_f(π‖π_ref) = KL(π ‖ π_ref), the usual RLHF KL (mode-seeking).
+
+    In ℓ: f = ℓ e^ℓ, f′ = ℓ + 1, f/u = ℓ, u f′ = e^ℓ(ℓ + 1); normalised f̃ = ψ(ℓ) = ℓe^ℓ − e^ℓ + 1.
+    Full vocabulary: q f(u) = p (log p − log q), p f′(u) = p (log p − log q + 1).
+    """
+
+    canonical = "reverse_kl"
+    aliases = ("kl", "rkl", "reverse_kld", "kl_reverse")
+    formula = "u log u"
+    f_prime_formula = "log u + 1"
+    equals = "KL(π ‖ π_ref)"
+    f_dpo_valid = True
+    mass_covering = False
+
+    def _f(self, logr: Tensor) -> Tensor:
+        return logr * torch.exp(logr)
+
+    def _f_prime(self, logr: Tensor) -> Tensor:
+        return logr + 1.0
+
+    def _f_over_u(self, logr: Tensor) -> Tensor:
+        return logr * 1.0
+
+    def _u_f_prime(self, logr: Tensor) -> Tensor:
+        return torch.exp(logr) * (logr + 1.0)
+
+    def _f_normalized(self, logr: Tensor) -> Tensor:
+        return x_exp_m_expm1(logr)
+
+    def _f_normalized_over_u(self, logr: Tensor) -> Tensor:
+        return exp_m1_mx(-logr)
+
+    def vocab_value(self, c: VocabChunk) -> Tensor:
+        return c.p * c.logr
+
+    def vocab_dlogp(self, c: VocabChunk) -> Tensor:
+        return c.p * (c.logr + 1.0)
+
+
+@register
+@dataclass(**_FROZEN)
+class ForwardKL(Divergence):
+    """f(u) = −log u: D_f(π‖π_ref) = KL(π_ref ‖ π) (mass-covering).
+
+    In ℓ: f = −ℓ, f′ = −e^{−ℓ}, f/u = −ℓe^{−ℓ}, u f′ = −1; normalised f̃ = φ(ℓ) = e^ℓ − 1 − ℓ
+    (the DPH-RL rehearsal loss u − log u − 1). Full vocabulary: q f(u) = q (log q − log p),
+    p f′(u) = −q.
+    """
+
+    canonical = "forward_kl"
+    aliases = ("fkl", "forward_kld", "kl_forward")
+    formula = "−log u"
+    f_prime_formula = "−1/u"
+    equals = "KL(π_ref ‖ π)"
+    f_dpo_valid = True
+    mass_covering = True
+
+    def _f(self, logr: Tensor) -> Tensor:
+        return -logr
+
+    def _f_prime(self, logr: Tensor) -> Tensor:
+        return -torch.exp(-logr)
+
+    def _f_over_u(self, logr: Tensor) -> Tensor:
+        return -logr * torch.exp(-logr)
+
+    def _u_f_prime(self, logr: Tensor) -> Tensor:
+        return logr * 0.0 - 1.0
+
+    def _f_normalized(self, logr: Tensor) -> Tensor:
+        return exp_m1_mx(logr)
+
+    def _f_normalized_over_u(self, logr: Tensor) -> Tensor:
+        return x_exp_m_expm1(-logr)
+
+    def vocab_value(self, c: VocabChunk) -> Tensor:
+        return -c.q * c.logr
+
+    def vocab_dlogp(self, c: VocabChunk) -> Tensor:
+        return -c.q
+
+
+# --------------------------------------------------------------------------------------------
+# Jensen–Shannon (λ = ½) and the generalised JSD(β)
+# --------------------------------------------------------------------------------------------
+
+_JSD_SWITCH = 30.0
+
+
+def _log_mix(logr: Tensor, beta: float) -> Tensor:
+    """s = log(β e^ℓ + 1 − β), accurate for every ℓ (log1p form, or ℓ + log β + … for large ℓ)."""
+    small = logr <= _JSD_SWITCH
+    l1 = logr.clamp(max=_JSD_SWITCH)
+    l2 = logr.clamp(min=_JSD_SWITCH)
+    s1 = torch.log1p(beta * torch.expm1(l1))
+    s2 = l2 + math.log(beta) + torch.log1p((1.0 - beta) / beta * torch.exp(-l2))
+    return torch.where(small, s1, s2)
+
+
+def _log_ratio_to_mix(logr: Tensor, beta: float) -> Tensor:
+    """ρ = log(u/m) = −log(β + (1 − β) e^{−ℓ}), m = βu + 1 − β; accurate for every ℓ."""
+    big = logr >= -_JSD_SWITCH
+    l1 = logr.clamp(min=-_JSD_SWITCH)
+    l2 = logr.clamp(max=-_JSD_SWITCH)
+    r1 = -torch.log1p((1.0 - beta) * torch.expm1(-l1))
+    r2 = l2 - math.log1p(-beta) - torch.log1p(beta / (1.0 - beta) * torch.exp(l2))
+    return torch.where(big, r1, r2)
+
+
+def _gjsd_f(logr: Tensor, beta: float) -> Tensor:
+    """f_β(e^ℓ) = β u log u − m log m, m = βu + 1 − β, as the sum of two non-negative terms
+    β m ψ(log(u/m)) + (1 − β) φ(log m), ψ(x) = x e^x − e^x + 1, φ(x) = e^x − 1 − x (no
+    cancellation, and no intermediate larger than the value in the forward or backward pass)."""
+    s = _log_mix(logr, beta)
+    rho = _log_ratio_to_mix(logr, beta)
+    return beta * torch.exp(s) * x_exp_m_expm1(rho) + (1.0 - beta) * exp_m1_mx(s)
+
+
+@dataclass(**_FROZEN)
+class _JSDFamily(Divergence):
+    """Shared math of ``js`` and ``generalized_jsd``: f_β(u) = β u log u − (βu + 1 − β) log(βu + 1 − β),
+    so D_f(π‖π_ref) = β KL(π ‖ m) + (1 − β) KL(π_ref ‖ m) with m = β π + (1 − β) π_ref.
+
+    f′ = β log(u/m) (bounded above by −β log β, → −∞ as u → 0), f_β(u)/u = f_{1−β}(1/u).
+    Full vocabulary: log m = logaddexp(log p + log β, log q + log(1 − β)),
+    q f = β p (log p − log m) + (1 − β) q (log q − log m), p f′ = β p (log p − log m).
+    """
+
+    beta: ClassVar[float]
+    f_dpo_valid = True
+    mass_covering = True
+
+    def _f(self, logr: Tensor) -> Tensor:
+        return _gjsd_f(logr, self.beta)
+
+    def _f_over_u(self, logr: Tensor) -> Tensor:
+        return _gjsd_f(-logr, 1.0 - self.beta)
+
+    def _f_prime(self, logr: Tensor) -> Tensor:
+        return self.beta * _log_ratio_to_mix(logr, self.beta)
+
+    def _u_f_prime(self, logr: Tensor) -> Tensor:
+        return self.beta * torch.exp(logr) * _log_ratio_to_mix(logr, self.beta)
+
+    def _log_m(self, c: VocabChunk) -> Tensor:
+        return torch.logaddexp(c.logp + math.log(self.beta), c.logq + math.log1p(-self.beta))
+
+    def vocab_value(self, c: VocabChunk) -> Tensor:
+        log_m = self._log_m(c)
+        return self.beta * c.p * (c.logp - log_m) + (1.0 - self.beta) * c.q * (c.logq - log_m)
+
+    def vocab_dlogp(self, c: VocabChunk) -> Tensor:
+        return self.beta * c.p * (c.logp - self._log_m(c))
+
+
+@register
+@dataclass(**_FROZEN)
+class JensenShannon(_JSDFamily):
+    """f(u) = ½[u log u − (1 + u) log((1 + u)/2)]: D_f = JS(π, π_ref) (natural log, ≤ log 2).
+
+    Equal to ``generalized_jsd(beta=0.5)``. Some released code (DPH-RL) uses 2·JS; with a
+    coefficient in front that only rescales it.
+    """
+
+    canonical = "js"
+    aliases = ("jsd", "jensen_shannon")
+    formula = "½[u log u − (1+u) log((1+u)/2)]"
+    f_prime_formula = "½ log(2u/(1+u))"
+    equals = "JS(π, π_ref) = ½KL(π‖m) + ½KL(π_ref‖m), m = (π+π_ref)/2"
+    notes = "= generalized_jsd(0.5)"
+    beta = 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# α-divergence
+# --------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def _alpha_coeffs(alpha: float, n: int) -> list[float]:
+    return alpha_series_coefficients(alpha, n)
+
+
+def _alpha_f(logr: Tensor, alpha: float) -> Tensor:
+    """f_α(e^ℓ) = ((1−α)u + α − u^{1−α}) / (α(1−α)) ≥ 0.
+
+    Series Σ_{k≥2} (Σ_{j<k−1} (1−α)^j) ℓ^k/k! for |ℓ| < ½; otherwise, with a = 1 − α, the form
+    without cancellation for the given α: [e^{aℓ} expm1(αℓ)/α − expm1(ℓ)]/a for α < ½ (→ u log u −
+    u + 1 as α → 0) or [expm1(ℓ) − expm1(aℓ)/a]/α for α ≥ ½ (→ u − 1 − log u as α → 1).
+    """
+    a = 1.0 - alpha
+    coeffs = _alpha_coeffs(alpha, series_terms(logr.dtype))
+    if alpha < 0.5:
+
+        def direct(x: Tensor) -> Tensor:
+            return (torch.exp(a * x) * (torch.expm1(alpha * x) / alpha) - torch.expm1(x)) / a
+
+    else:
+
+        def direct(x: Tensor) -> Tensor:
+            return (torch.expm1(x) - torch.expm1(a * x) / a) / alpha
+
+    return series_switch(logr, lambda s: _horner(s, coeffs), direct)
+
+
+@register
+@dataclass(**_FROZEN)
+class Alpha(Divergence):
+    """f(u) = (u^{1−α} − (1−α)u − α) / (α(α−1)), α ∈ (0, 1) in the f-DPO paper's convention.
+
+    α → 0 gives reverse KL, α → 1 forward KL, α = ½ is 2·squared_hellinger. TRL ≥ 0.29 calls the
+    coefficient ``f_alpha_divergence_coef = a`` with f′(u) = (u^{a−1} − 1)/(a − 1): a = 1 − α (use
+    :meth:`from_trl_coef`). In ℓ: f′ = −expm1(−αℓ)/α, u f′ = e^{(1−α)ℓ} expm1(αℓ)/α,
+    f_α(u)/u = f_{1−α}(1/u). Full vocabulary with w = p^{1−α} q^α:
+    q f = ((1−α)p + αq − w)/(α(1−α)), p f′ = (p − w)/α.
+    """
+
+    alpha: float = field(
+        metadata={
+            "range": (0.0, 1.0),
+            "help": "f-DPO convention (objectives.md §0): α → 0 is reverse KL, α → 1 forward KL; "
+            "TRL's f_alpha_divergence_coef a corresponds to alpha = 1 − a.",
+        }
+    )
+
+    canonical = "alpha"
+    aliases = ("alpha_divergence", "amari_alpha")
+    formula = "(u^(1−α) − (1−α)u − α) / (α(α−1))"
+    f_prime_formula = "(1 − u^(−α)) / α"
+    equals = "α-divergence (α→0: KL(π‖π_ref), α→1: KL(π_ref‖π))"
+    f_dpo_valid = True
+    mass_covering = True
+    source = "objectives.md §0; f-DPO (Wang et al., ICLR 2024)"
+
+    @classmethod
+    def from_trl_coef(cls, f_alpha_divergence_coef: float) -> Alpha:
+        """The same divergence as TRL's ``f_alpha_divergence_coef = a`` (alpha = 1 − a)."""
+        return cls(alpha=1.0 - f_alpha_divergence_coef)
+
+    def _f(self, logr: Tensor) -> Tensor:
+        return _alpha_f(logr, self.alpha)
+
+    def _f_over_u(self, logr: Tensor) -> Tensor:
+        return _alpha_f(-logr, 1.0 - self.alpha)
+
+    def _f_prime(self, logr: Tensor) -> Tensor:
+        return -torch.expm1(-self.alpha * logr) / self.alpha
+
+    def _u_f_prime(self, logr: Tensor) -> Tensor:
+        return torch.exp((1.0 - self.alpha) * logr) * torch.expm1(self.alpha * logr) / self.alpha
+
+    def vocab_value(self, c: VocabChunk) -> Tensor:
+        a = 1.0 - self.alpha
+        w = torch.exp(a * c.logp + self.alpha * c.logq)
+        return (a * c.p + self.alpha * c.q - w) / (self.alpha * a)
+
+    def vocab_dlogp(self, c: VocabChunk) -> Tensor:
+        w = torch.exp((1.0 - self.alpha) * c.logp + self.alpha * c.logq)
+        return (c.p - w) / self.alpha
+
+
+# --------------------------------------------------------------------------------------------
+# Jeffreys, squared Hellinger, χ² (both directions), total variation
+# --------------------------------------------------------------------------------------------
+
+
+@register
+@dataclass(**_FROZEN)
+class Jeffreys(Divergence):
+    """f(u) = (u − 1) log u: D_f = KL(π‖π_ref) + KL(π_ref‖π) (the symmetric KL; D2O's implicit one).
+
+    In ℓ: f = ℓ expm1(ℓ), f′ = ℓ − expm1(−ℓ), f/u = −ℓ expm1(−ℓ), u f′ = ℓe^ℓ + expm1(ℓ).
+    Full vocabulary: q f = (p − q)(log p − log q), p f′ = p(log p − log q + 1) − q.
+    """
+
+    canonical = "jeffreys"
+    aliases = ("jeffreys_kl", "symmetric_kl", "jeffrey")
+    formula = "(u − 1) log u"
+    f_prime_formula = "log u + 1 − 1/u"
+    equals = "KL(π ‖ π_ref) + KL(π_ref ‖ π)"
+    f_dpo_valid = True
+    mass_covering = True
+
+    def _f(self, logr: Tensor) -> Tensor:
+        return logr * torch.expm1(logr)
+
+    def _f_prime(self, logr: Tensor) -> Tensor:
+        return logr - torch.expm1(-logr)
+
+    def _f_over_u(self, logr: Tensor) -> Tensor:
+        return -logr * torch.expm1(-logr)
+
+    def _u_f_prime(self, logr: Tensor) -> Tensor:
+        return logr * torch.exp(logr) + torch.expm1(logr)
+
+    def vocab_value(self, c: VocabChunk) -> Tensor:
+        return (c.p - c.q) * c.logr
+
+    def vocab_dlogp(self, c: VocabChunk) -> Tensor:
+        return c.p * (c.logr + 1.0) - c.q
+
+
+@register
+@dataclass(**_FROZEN)
+class SquaredHellinger(Divergence):
+    """f(u) = (√u − 1)²: D_f = Σ_v (√π − √π_ref)² = 2(1 − Σ_v √(π π_ref)) (no ½ in front).
+
+    In ℓ: f = expm1(ℓ/2)², f′ = −expm1(−ℓ/2), f/u = expm1(−ℓ/2)², u f′ = e^{ℓ/2} expm1(ℓ/2).
+    Full vocabulary with w = √(pq): q f = p + q − 2w, p f′ = p − w.
+    """
+
+    canonical = "squared_hellinger"
+    aliases = ("hellinger", "hellinger2", "squared_hellinger_distance")
+    formula = "(√u − 1)²"
+    f_prime_formula = "1 − u^(−½)"
+    equals = "Σ(√π − √π_ref)² = 2(1 − Σ√(π π_ref))"
+    f_dpo_valid = True
+    mass_covering = True
+
+    def _f(self, logr: Tensor) -> Tensor:
+        return torch.expm1(0.5 * logr) ** 2
+
+    def _f_prime(self, logr: Tensor) -> Tensor:
+        return -torch.expm1(-0.5 * logr)
+
+    def _f_over_u(self, logr: Tensor) -> Tensor:
+        return torch.expm1(-0.5 * logr) ** 2
+
+    def _u_f_prime(self, logr: Tensor) -> Tensor:
+        return torch.exp(0.5 * logr) * torch.expm1(0.5 * logr)
+
+    def vocab_value(self, c: VocabChunk) -> Tensor:
+        return c.p + c.q - 2.0 * torch.exp(0.5 * (c.logp + c.logq))
+
+    def vocab_dlogp(self, c: VocabChunk) -> Tensor:
+        return c.p - torch.exp(0.5 * (c.logp + c.logq))
+
+
+@register
+@dataclass(**_FROZEN)
+class NeymanChi2(Divergence):
+    """f(u) = (1 − u)²/u: D_f = χ²(π_ref ‖ π) = Σ_v (π − π_ref)²/π.
+
+    In ℓ: f = −expm1(ℓ) expm1(−ℓ), f′ = −expm1(−2ℓ), f/u = expm1(−ℓ)², u f′ = expm1(ℓ) − expm1(−ℓ).
+    Full vocabulary with w = q²/p (capped): q f = w − 2q + p, p f′ = p − w.
+    """
+
+    canonical = "neyman_chi2"
+    aliases = ("neyman", "neyman_chi_squared")
+    formula = "(1 − u)² / u"
+    f_prime_formula = "1 − u^(−2)"
+    equals = "χ²(π_ref ‖ π)"
+    f_dpo_valid = True
+    mass_covering = True
+
+    def _f(self, logr: Tensor) -> Tensor:
+        return -torch.expm1(logr) * torch.expm1(-logr)
+
+    def _f_prime(self, logr: Tensor) -> Tensor:
+        return -torch.expm1(-2.0 * logr)
+
+    def _f_over_u(self, logr: Tensor) -> Tensor:
+        return torch.expm1(-logr) ** 2
+
+    def _u_f_prime(self, logr: Tensor) -> Tensor:
+        return torch.expm1(logr) - torch.expm1(-logr)
+
+    def vocab_value(self, c: VocabChunk) -> Tensor:
+        w = torch.exp((2.0 * c.logq - c.logp).clamp(max=c.log_cap))
+        return w - 2.0 * c.q + c.p
+
+    def vocab_dlogp(self, c: VocabChunk) -> Tensor:
+        return c.p - torch.exp((2.0 * c.logq - c.logp).clamp(max=c.log_cap))
+
+
+@register
+@dataclass(**_FROZEN)
+class PearsonChi2(Divergence):
+    """f(u) = (u − 1)²: D_f = χ²(π ‖ π_ref) = Σ_v (π − π_ref)²/π_ref, the usual χ² of π against π_ref.
+
+    ``chi2`` is an alias of this entry. Not f-DPO valid: f′(0) = −2 is finite. Mode-seeking
+    (f(u)/u → ∞). In ℓ: f = expm1(ℓ)², f′ = 2 expm1(ℓ), f/u = −expm1(ℓ) expm1(−ℓ),
+    u f′ = 2e^ℓ expm1(ℓ). Full vocabulary with w = p²/q (capped): q f = w − 2p + q, p f′ = 2(w − p).
+    """
+
+    canonical = "pearson_chi2"
+    aliases = ("chi2", "pearson", "chi_squared", "pearson_chi_squared")
+    formula = "(u − 1)²"
+    f_prime_formula = "2(u − 1)"
+    equals = "χ²(π ‖ π_ref)"
+    f_dpo_valid = False
+    mass_covering = False
+
+    def _f(self, logr: Tensor) -> Tensor:
+        return torch.expm1(logr) ** 2
+
+    def _f_prime(self, logr: Tensor) -> Tensor:
+        return 2.0 * torch.expm1(logr)
+
+    def _f_over_u(self, logr: Tensor) -> Tensor:
+        return -torch.expm1(logr) * torch.expm1(-logr)
+
+    def _u_f_prime(self, logr: Tensor) -> Tensor:
+        return 2.0 * torch.exp(logr) * torch.expm1(logr)
+
+    def vocab_value(self, c: VocabChunk) -> Tensor:
+        w = torch.exp((2.0 * c.logp - c.logq).clamp(max=c.log_cap))
+        return w - 2.0 * c.p + c.q
+
+    def vocab_dlogp(self, c: VocabChunk) -> Tensor:
+        return 2.0 * (torch.exp((2.0 * c.logp - c.logq).clamp(max=c.log_cap)) - c.p)
+
+
+@register
+@dataclass(**_FROZEN)
+class TotalVariation(Divergence):
+    """f(u) = ½|u − 1|: D_f = TV(π, π_ref) = ½ Σ_v |π − π_ref| ∈ [0, 1].
+
+    Not f-DPO valid (f′ = ½ sign(u − 1) is not invertible); its gradient is the subgradient with
+    sign(0) = 0. In ℓ: f = ½|expm1(ℓ)|, f/u = ½|expm1(−ℓ)|, u f′ = ½ e^ℓ sign(ℓ).
+    """
+
+    canonical = "total_variation"
+    aliases = ("tv", "total_variation_distance")
+    formula = "½|u − 1|"
+    f_prime_formula = "½ sign(u − 1)"
+    equals = "TV(π, π_ref) = ½Σ|π − π_ref|"
+    f_dpo_valid = False
+    mass_covering = True
+
+    def _f(self, logr: Tensor) -> Tensor:
+        return 0.5 * torch.expm1(logr).abs()
+
+    def _f_prime(self, logr: Tensor) -> Tensor:
+        return 0.5 * torch.sign(logr)
+
+    def _f_over_u(self, logr: Tensor) -> Tensor:
+        return 0.5 * torch.expm1(-logr).abs()
+
+    def _u_f_prime(self, logr: Tensor) -> Tensor:
+        return 0.5 * torch.exp(logr) * torch.sign(logr)
+
+    def vocab_value(self, c: VocabChunk) -> Tensor:
+        return 0.5 * (c.p - c.q).abs()
+
+    def vocab_dlogp(self, c: VocabChunk) -> Tensor:
+        return 0.5 * c.p * torch.sign(c.logr)
+
+
+# --------------------------------------------------------------------------------------------
+# generalised JSD(β) for distillation (GKD / DistillSpec)
+# --------------------------------------------------------------------------------------------
+
+
+@register
+@dataclass(**_FROZEN)
+class GeneralizedJSD(_JSDFamily):
+    """Generalised JSD(β) = β KL(π ‖ m) + (1 − β) KL(π_ref ‖ m), m = β π + (1 − β) π_ref.
+
+    An f-divergence with f_β(u) = β u log u − (βu + 1 − β) log(βu + 1 − β); β = ½ is ``js``.
+    β → 0 behaves like β·KL(π‖π_ref), β → 1 like (1 − β)·KL(π_ref‖π). Convention: β weights π
+    (the policy / student, the FIRST argument). TRL's GKD ``beta`` and
+    ``trl.kernels.chunked_divergence`` weight the teacher: with π = student and π_ref = teacher,
+    TRL's beta equals 1 − β here (use :meth:`from_trl_beta`).
+    """
+
+    beta: float = field(  # type: ignore[misc]
+        metadata={
+            "range": (0.0, 1.0),
+            "help": "weight of π (policy/student) in the mixture m = βπ + (1−β)π_ref; TRL's GKD beta "
+            "(teacher weight) corresponds to 1 − beta.",
+        }
+    )
+
+    canonical = "generalized_jsd"
+    aliases = ("gjsd", "generalised_jsd", "jsd_beta")
+    formula = "βu log u − (βu+1−β) log(βu+1−β)"
+    f_prime_formula = "β log(u/(βu+1−β))"
+    equals = "β KL(π‖m) + (1−β) KL(π_ref‖m), m = βπ + (1−β)π_ref"
+    source = "GKD (Agarwal et al., 2024); DistillSpec (Zhou et al., 2024)"
+    notes = "β = 0.5 is js; TRL's beta = 1 − β"
+
+    @classmethod
+    def from_trl_beta(cls, trl_beta: float) -> GeneralizedJSD:
+        """The same divergence as TRL's generalised JSD with ``beta = trl_beta`` (student = π)."""
+        return cls(beta=1.0 - trl_beta)

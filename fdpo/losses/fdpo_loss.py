@@ -1,0 +1,300 @@
+"""f-DPO: DPO with the reverse-KL regulariser replaced by any f-divergence whose f′ is invertible.
+
+Source: Wang et al., "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
+Divergence Constraints", ICLR 2024; conventions: `objectives.md` §0 and §3 (binding).
+
+With ℓ = log π(y|x) − log π_ref(y|x) summed over the completion tokens (no length normalisation) and
+u = e^ℓ, the f-DPO implicit reward of a completion is β·f′(u). The loss of a preference pair
+(y_w ≻ y_l) is a function of the **score margin**
+
+    Δ = s(ℓ_w) − s(ℓ_l),        s(ℓ) = c_f · (f′(e^ℓ) − f′(1)),
+
+exactly as TRL 1.16 defines its DPO losses on the "logits" βΔ (TRL only for four divergences):
+
+    sigmoid : −log σ(βΔ)                                         (f-DPO)
+    hinge   : max(0, 1 − βΔ)                                     (SLiC)
+    ipo     : (s(ℓ_w)/n_w − s(ℓ_l)/n_l − 1/(2β))²                 (IPO eq. 17; n = completion length,
+              the per-token normalisation TRL 1.16 applies; pass no lengths for the paper's n = 1)
+    robust  : [−(1−ε) log σ(βΔ) + ε log σ(−βΔ)] / (1 − 2ε)       (rDPO, ε = label_smoothing)
+
+As in TRL 1.16, `label_smoothing` only enters the robust loss.
+
+Why `f′(e^ℓ) − f′(1)`: D_f is unchanged by f → f + k(u − 1), which shifts f′ by k; subtracting f′(1)
+makes every score independent of that choice (s(0) = 0). The constant cancels in Δ for sigmoid, hinge
+and robust; for TRL's length-normalised IPO it does not, and this choice is TRL's (forward KL:
+1 − e^{−ℓ}; α: (1 − e^{−αℓ})/α).
+
+Why `c_f`: the f-DPO paper and TRL write Jensen–Shannon with the generator u log u − (1+u) log((1+u)/2),
+twice the registry's ½[…] (objectives.md §0 note). §3 fixes the f-DPO JS score as log σ(ℓ_w) − log σ(ℓ_l),
+so c_js = 2; every other divergence uses c_f = 1, i.e. the registry's f′ (so `generalized_jsd(0.5)`, the
+registry's ½-JS, gives half the `js` score: the same loss with β halved).
+
+In terms of ℓ (c_f and f′(1) applied):
+    reverse_kl  s = ℓ                        (standard DPO)
+    forward_kl  s = 1 − e^{−ℓ}
+    js          s = log 2 + log σ(ℓ)
+    alpha       s = (1 − e^{−αℓ})/α          (α here = 1 − TRL's `f_alpha_divergence_coef`)
+    jeffreys    s = ℓ + 1 − e^{−ℓ};   squared_hellinger  s = 1 − e^{−ℓ/2};   neyman_chi2  s = 1 − e^{−2ℓ}
+
+Numerics. Scores are computed in at least fp32 (bf16/fp16 inputs are upcast). Several scores grow like
+e^{k|ℓ|} for ℓ → −∞ (forward KL, α, Jeffreys, Hellinger, Neyman); sequence log-ratios reach −1000, where
+e^{1000} is not representable even in fp64. TRL 1.16's forward KL gives an infinite loss and non-finite
+gradients once ℓ < −88 (fp32; checked: ℓ_w = −100), and its α clamp makes the gradient w.r.t. such an ℓ
+exactly zero. fdpo instead uses the exact score while |s| ≤ `score_cap` (default 1e10) and continues it
+linearly, with the slope it has at the cap (a C¹ continuation), beyond:
+
+    s̃(ℓ) = s(ℓ_lo) + s′(ℓ_lo)·(ℓ − ℓ_lo)   for ℓ < ℓ_lo,  where |s(ℓ_lo)| = score_cap   (same above ℓ_hi).
+
+So loss and gradient are finite for any finite ℓ, no clamp cuts the gradient to zero (on the linear
+part |∂s/∂ℓ| = s′(ℓ_lo) > 0; a gradient is 0 only where the exact one underflows, e.g. a pair already won
+by a margin βΔ ≫ 100), and the loss is exact wherever the exact score is ≤ score_cap in magnitude
+(forward KL: ℓ ≥ −23; α = ½: ℓ ≥ −46 at the default cap). The thresholds are found once per divergence
+by bisection on the monotone f′ (f-DPO validity means f′ strictly increases).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "robust")
+DEFAULT_SCORE_CAP = 1e10
+
+# f-DPO-paper (and TRL) scale of a generator relative to the registry's f (see the module docstring).
+F_DPO_GENERATOR_SCALE: Mapping[str, float] = {"js": 2.0}
+
+_SEARCH_BOUND = 1e6  # |ℓ| beyond which no threshold is searched (the registry caps |ℓ| there too)
+
+
+class Divergence(Protocol):
+    """The part of `fdpo.divergences`' interface that f-DPO uses."""
+
+    canonical: str
+    label: str
+    f_dpo_valid: bool
+
+    def f(self, logr: torch.Tensor) -> torch.Tensor: ...
+
+    def f_prime(self, logr: torch.Tensor) -> torch.Tensor: ...
+
+    def f_normalized(self, logr: torch.Tensor) -> torch.Tensor: ...
+
+
+def resolve_divergence(divergence: str | Divergence, params: Mapping[str, Any] | None = None) -> Divergence:
+    """A registry object for `divergence` (a name with `params`, or an object passed through)."""
+    if not isinstance(divergence, str):
+        if params:
+            raise ValueError("divergence parameters are only accepted together with a divergence name")
+        return divergence
+    from fdpo.divergences import get_divergence
+
+    return get_divergence(divergence, **dict(params or {}))
+
+
+def _f_prime64(d: Divergence, logr: float) -> float:
+    with torch.no_grad():
+        return float(d.f_prime(torch.tensor(logr, dtype=torch.float64)))
+
+
+def f_dpo_invalid_reason(d: Divergence) -> str | None:
+    """None when `d` can serve f-DPO, else why not (f′ must be invertible with 0 ∉ dom f′, §3)."""
+    if d.f_dpo_valid:
+        return None
+    grid = [x / 2 for x in range(-10, 11)]
+    values = [_f_prime64(d, x) for x in grid]
+    for (a, va), (b, vb) in zip(zip(grid, values), zip(grid[1:], values[1:])):
+        if not vb > va:
+            return (
+                f"f′ is not invertible (f′(e^{a:g}) = {va:g} and f′(e^{b:g}) = {vb:g}), so the policy cannot be "
+                "written in closed form from the implicit reward"
+            )
+    low = _f_prime64(d, -700.0)
+    if math.isfinite(low) and low > -100.0:
+        return (
+            f"0 is in the domain of f′ (f′(u) → {low:g} as u → 0 is finite), so the normaliser of the optimal "
+            "policy does not cancel in the preference model"
+        )
+    return "the registry marks it as not f-DPO-valid (f′ must be invertible with 0 ∉ dom f′)"
+
+
+def f_dpo_valid_names() -> list[str]:
+    """Canonical names of the registry's f-DPO-valid divergences."""
+    from fdpo.divergences import available_divergences, divergence_class
+
+    return [n for n in available_divergences() if divergence_class(n).f_dpo_valid]
+
+
+def check_f_dpo_valid(d: Divergence) -> None:
+    """Raise ValueError naming the divergence and the reason when it cannot serve f-DPO."""
+    reason = f_dpo_invalid_reason(d)
+    if reason is not None:
+        raise ValueError(
+            f"divergence '{d.label}' cannot be used with f-DPO: {reason} (Beyond Reverse KL, ICLR 2024; "
+            f"objectives.md §3). f-DPO-valid: {', '.join(f_dpo_valid_names())}."
+        )
+
+
+class FDPOScore:
+    """ℓ ↦ s(ℓ) = c_f·(f′(e^ℓ) − f′(1)), exact for |s| ≤ `score_cap`, linearly continued beyond.
+
+    Built once per divergence (the thresholds come from a bisection in float64); calling it is a few
+    elementwise ops. See the module docstring for the formula and its source.
+    """
+
+    def __init__(self, divergence: str | Divergence, *, score_cap: float = DEFAULT_SCORE_CAP, **params: Any):
+        d = resolve_divergence(divergence, params)
+        check_f_dpo_valid(d)
+        if not (score_cap > 0 and math.isfinite(score_cap)):
+            raise ValueError(f"score_cap must be a positive finite number, got {score_cap!r}")
+        self.divergence = d
+        self.score_cap = float(score_cap)
+        self.scale = float(F_DPO_GENERATOR_SCALE.get(d.canonical, 1.0))
+        self.offset = _f_prime64(d, 0.0)  # f′(1)
+        self.lo, self.s_lo, self.slope_lo = self._threshold(-1.0)
+        self.hi, self.s_hi, self.slope_hi = self._threshold(+1.0)
+
+    @property
+    def label(self) -> str:
+        return self.divergence.label
+
+    def _exact(self, logr: torch.Tensor) -> torch.Tensor:
+        return self.scale * (self.divergence.f_prime(logr) - self.offset)
+
+    def _within_cap(self, logr: float) -> bool:
+        value = float(self._exact(torch.tensor(logr, dtype=torch.float64)).detach())
+        return math.isfinite(value) and abs(value) <= self.score_cap
+
+    def _search_bound(self, side: float) -> float:
+        """How far to search on `side`: ±1e6, or the end of the registry's exact float64 range if nearer
+        (so the search never triggers the registry's clamp and its saturation counter)."""
+        safe_range = getattr(self.divergence, "safe_logr_range", None)
+        if safe_range is None:
+            return side * _SEARCH_BOUND
+        lo, hi = safe_range("f_prime", torch.float64)
+        return max(lo, -_SEARCH_BOUND) if side < 0 else min(hi, _SEARCH_BOUND)
+
+    def _threshold(self, side: float) -> tuple[float, float, float]:
+        """(ℓ*, s(ℓ*), s′(ℓ*)) where |s| reaches the cap on `side` (−1 below, +1 above); ±inf if never."""
+        bound = self._search_bound(side)
+        if self._within_cap(bound):
+            return side * math.inf, 0.0, 0.0
+        inside, outside = 0.0, bound
+        for _ in range(200):  # |s| is monotone in |ℓ| on each side of 0
+            mid = 0.5 * (inside + outside)
+            if mid in (inside, outside):
+                break
+            if self._within_cap(mid):
+                inside = mid
+            else:
+                outside = mid
+        x = torch.tensor(inside, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            value = self._exact(x)
+            (slope,) = torch.autograd.grad(value, x)
+        return inside, float(value.detach()), float(slope)
+
+    def __call__(self, logr: torch.Tensor) -> torch.Tensor:
+        """Scores of sequence log-ratios `logr` (any shape), in `logr`'s dtype promoted to ≥ fp32."""
+        x = logr.to(torch.promote_types(logr.dtype, torch.float32))
+        out = self._exact(x.clamp(min=self.lo, max=self.hi))
+        if math.isfinite(self.lo):
+            out = torch.where(x < self.lo, self.s_lo + self.slope_lo * (x - self.lo), out)
+        if math.isfinite(self.hi):
+            out = torch.where(x > self.hi, self.s_hi + self.slope_hi * (x - self.hi), out)
+        return out
+
+
+def _standardised_f(d: Divergence, logr: torch.Tensor) -> torch.Tensor:
+    """f̃(u) = f(u) − f′(1)(u − 1) ≥ 0 in float64, ℓ clipped to ±600: a drift monitor, zero at u = 1."""
+    x = logr.detach().to(torch.float64).clamp(-600.0, 600.0)
+    with torch.no_grad():
+        return d.f_normalized(x)
+
+
+def fdpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    divergence: str | Divergence | FDPOScore,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    score_cap: float = DEFAULT_SCORE_CAP,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair f-DPO loss and per-pair metrics (see the module docstring for every formula).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: shape (B,),
+            log-probabilities of the completions summed over their tokens.
+        divergence: a registry name, a registry object, or a prebuilt `FDPOScore` (cheapest in a loop).
+            Alpha's α follows objectives.md: α = 1 − TRL's `f_alpha_divergence_coef`.
+        beta: β of the implicit reward β·f′(u) (τ of IPO).
+        loss_type: one of `LOSS_TYPES`.
+        label_smoothing: ε of the robust loss, in [0, 0.5); ignored by the other loss types (as in TRL).
+        chosen_lengths, rejected_lengths: completion token counts, used by `ipo` only (TRL's per-token
+            normalisation; clamped to ≥ 1). Omit both for the unnormalised IPO of the paper.
+        score_cap: where the exact score is continued linearly (ignored when `divergence` is an FDPOScore).
+
+    Returns:
+        (loss, metrics): `loss` of shape (B,) in ≥ fp32; `metrics` maps names to detached (B,) tensors:
+        `scores/chosen`, `scores/rejected`, `scores/margins` (s(ℓ) and Δ), `rewards/chosen`,
+        `rewards/rejected`, `rewards/margins`, `rewards/accuracies` (β·ℓ, as TRL logs them) and
+        `div/<label>`: ½[f̃(u_w) + f̃(u_l)] with f̃(u) = f(u) − f′(1)(u − 1) ≥ 0, the registry's f on the
+        batch's sequences (a drift monitor on the preference data, not an unbiased estimate of
+        D_f(π‖π_ref), which needs samples of π_ref).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown f-DPO loss_type {loss_type!r}; valid: {list(LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if loss_type == "robust" and not (0.0 <= label_smoothing < 0.5):
+        raise ValueError(f"the robust loss needs label_smoothing in [0, 0.5), got {label_smoothing}")
+    score = divergence if isinstance(divergence, FDPOScore) else FDPOScore(divergence, score_cap=score_cap)
+
+    def upcast(t: torch.Tensor) -> torch.Tensor:  # before subtracting: bf16 log-probs near −500 have ulp 2
+        return t.to(torch.promote_types(t.dtype, torch.float32))
+
+    chosen_logr = upcast(policy_chosen_logps) - upcast(ref_chosen_logps)
+    rejected_logr = upcast(policy_rejected_logps) - upcast(ref_rejected_logps)
+    s_w = score(chosen_logr)
+    s_l = score(rejected_logr)
+    margin = s_w - s_l
+    logits = beta * margin
+
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(logits)
+    elif loss_type == "hinge":
+        loss = torch.relu(1.0 - logits)
+    elif loss_type == "ipo":
+        n_w = 1.0 if chosen_lengths is None else chosen_lengths.to(s_w.dtype).clamp(min=1.0)
+        n_l = 1.0 if rejected_lengths is None else rejected_lengths.to(s_l.dtype).clamp(min=1.0)
+        loss = (s_w / n_w - s_l / n_l - 1.0 / (2.0 * beta)) ** 2
+    else:  # robust
+        eps = label_smoothing
+        loss = (-(1.0 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1.0 - 2.0 * eps)
+
+    with torch.no_grad():
+        rewards_w = beta * chosen_logr.detach()
+        rewards_l = beta * rejected_logr.detach()
+        div = 0.5 * (
+            _standardised_f(score.divergence, chosen_logr) + _standardised_f(score.divergence, rejected_logr)
+        )
+        metrics = {
+            "scores/chosen": s_w.detach(),
+            "scores/rejected": s_l.detach(),
+            "scores/margins": margin.detach(),
+            "rewards/chosen": rewards_w,
+            "rewards/rejected": rewards_l,
+            "rewards/margins": rewards_w - rewards_l,
+            "rewards/accuracies": (rewards_w > rewards_l).to(s_w.dtype),
+            f"div/{score.label}": div.to(s_w.dtype),
+        }
+    return loss, metrics

@@ -1,0 +1,252 @@
+"""Chunked full-vocabulary divergence (from logits and fused from hidden states) against the
+unchunked computation written here with autograd (float64), and against TRL 1.16's own
+chunked_divergence where the two overlap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_divergences_truth import CASES, case_id, generator
+
+from fdpo.divergences import (
+    Divergence,
+    available_divergences,
+    full_vocab_divergence,
+    full_vocab_divergence_from_hidden,
+    get_divergence,
+    register,
+)
+from fdpo.divergences.base import VocabChunk
+from fdpo.divergences.registry import _ENTRIES, _NAMES
+
+B, T, VOCAB = 2, 10, 13
+
+
+def _logits(seed: int, dtype=torch.float64, scale: float = 2.0):
+    g = torch.Generator().manual_seed(seed)
+    z = (scale * torch.randn(B, T, VOCAB, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True)
+    zr = (scale * torch.randn(B, T, VOCAB, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True)
+    mask = torch.rand(B, T, generator=g) > 0.35
+    return z, zr, mask
+
+
+def _unchunked(name, params, z, zr, mask=None, temperature=1.0):
+    """Σ_v q f(p/q) straight from the reference generator, one shot, autograd for the gradient."""
+    f = generator(name, params)[0]
+    p = (z.double() / temperature).softmax(-1)
+    q = (zr.double() / temperature).softmax(-1)
+    d = (q * f(p / q)).sum(-1)
+    return d if mask is None else d * mask
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_chunked_values_and_gradients_equal_unchunked(case):
+    name, params = case
+    div = get_divergence(name, **params)
+    z, zr, mask = _logits(0)
+    w = torch.randn(B, T, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    truth = _unchunked(name, params, z, zr, mask)
+    tgz, tgzr = torch.autograd.grad((truth * w).sum(), [z, zr])
+    for chunk, m in ((1, mask), (7, mask), (3, None), (64, None)):  # 3 and 7 do not divide 20 positions
+        out = full_vocab_divergence(z, zr, div, m, chunk_size=chunk)
+        assert out.shape == (B, T) and out.dtype == torch.float64
+        gz, gzr = torch.autograd.grad((out * w).sum(), [z, zr])
+        if m is None:
+            ref = _unchunked(name, params, z, zr)
+            rgz, rgzr = torch.autograd.grad((ref * w).sum(), [z, zr])
+        else:
+            ref, rgz, rgzr = truth, tgz, tgzr
+            assert bool((out[~mask] == 0).all()) and bool((gz[~mask] == 0).all())
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gz, rgz, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gzr, rgzr, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_generic_vocab_terms_equal_each_entrys_closed_forms(case):
+    """Divergence.vocab_value / vocab_dlogp (the generic versions any new entry gets) agree with the
+    closed forms the built-in entries override them with."""
+    name, params = case
+    div = get_divergence(name, **params)
+    z, zr, _ = _logits(1)
+    c = VocabChunk(z.detach().log_softmax(-1), zr.detach().log_softmax(-1), log_cap=600.0)
+    torch.testing.assert_close(Divergence.vocab_value(div, c), div.vocab_value(c), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(Divergence.vocab_dlogp(div, c), div.vocab_dlogp(c), rtol=1e-10, atol=1e-13)
+
+
+def test_temperature_and_gradient_to_the_reference_side_only():
+    z, zr, mask = _logits(2)
+    out = full_vocab_divergence(z.detach(), zr, "forward_kl", mask, temperature=1.7, chunk_size=4)
+    ref = _unchunked("forward_kl", {}, z.detach(), zr, mask, temperature=1.7)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-12)
+    (g,) = torch.autograd.grad(out.sum(), zr)
+    (rg,) = torch.autograd.grad(ref.sum(), zr)
+    torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="temperature"):
+        full_vocab_divergence(z, zr, "js", temperature=0.0)
+
+
+def test_all_masked_and_shape_errors():
+    z, zr, _ = _logits(3)
+    out = full_vocab_divergence(z, zr, "js", torch.zeros(B, T, dtype=torch.bool))
+    (g,) = torch.autograd.grad(out.sum(), z)
+    assert float(out.detach().abs().sum()) == 0.0 and float(g.abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        full_vocab_divergence(z, zr[:, :3], "js")
+    with pytest.raises(ValueError, match="mask"):
+        full_vocab_divergence(z, zr, "js", torch.ones(B, T + 1, dtype=torch.bool))
+
+
+def test_bfloat16_logits_compute_in_float32_and_return_bfloat16_gradients():
+    z, zr, mask = _logits(4, dtype=torch.bfloat16)
+    out = full_vocab_divergence(z, zr, "js", mask, chunk_size=3)
+    assert out.dtype == torch.float32
+    (g,) = torch.autograd.grad(out.sum(), z)
+    assert g.dtype == torch.bfloat16
+    ref = _unchunked("js", {}, z.detach(), zr.detach(), mask)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", available_divergences())
+def test_minus_inf_and_huge_logits_give_finite_values_and_gradients(name):
+    div = get_divergence(
+        name, **({"alpha": 0.3} if name == "alpha" else {"beta": 0.4} if name == "generalized_jsd" else {})
+    )
+    z = torch.randn(3, 6, dtype=torch.float32)
+    zr = torch.randn(3, 6, dtype=torch.float32)
+    z[:, -1] = zr[:, -1] = -math.inf  # a padded vocabulary entry, impossible under both models
+    z[1, 0], zr[2, 1] = 1e4, -1e4  # log-ratios of ±1e4
+    z.requires_grad_(True)
+    zr.requires_grad_(True)
+    out = full_vocab_divergence(z, zr, div, chunk_size=2)
+    gz, gzr = torch.autograd.grad(out.sum(), [z, zr])
+    assert (
+        bool(torch.isfinite(out).all()) and bool(torch.isfinite(gz).all()) and bool(torch.isfinite(gzr).all())
+    )
+    # the −inf entry contributes nothing: same as dropping it
+    row0 = full_vocab_divergence(z[:1, :-1], zr[:1, :-1], div)
+    torch.testing.assert_close(out[:1], row0, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_keeps_no_graph_only_inputs_and_per_position_normalisers():
+    """Memory: what the forward saves for backward is the inputs themselves plus O(positions)."""
+    z, zr, mask = _logits(5)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = full_vocab_divergence(z, zr, "reverse_kl", mask, chunk_size=3)
+    big = [t for t in saved if t.numel() > 2 * B * T]
+    assert all(t.data_ptr() in (z.data_ptr(), zr.data_ptr()) for t in big)
+    out.sum().backward()
+
+
+# ------------------------------------------------------------------------------- from hidden states
+
+
+@pytest.mark.parametrize(
+    "name", ["reverse_kl", "forward_kl", "js", "alpha(0.3)", "pearson_chi2", "total_variation"]
+)
+def test_fused_hidden_path_equals_the_logits_path(name):
+    g = torch.Generator().manual_seed(6)
+    n_pos, h_dim, hr_dim = (B, T), 5, 4
+    h = torch.randn(*n_pos, h_dim, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(VOCAB, h_dim, generator=g, dtype=torch.float64).requires_grad_(True)
+    b = torch.randn(VOCAB, generator=g, dtype=torch.float64).requires_grad_(True)
+    hr = torch.randn(*n_pos, hr_dim, generator=g, dtype=torch.float64).requires_grad_(True)
+    wr = torch.randn(VOCAB, hr_dim, generator=g, dtype=torch.float64).requires_grad_(True)
+    mask = torch.rand(*n_pos, generator=g) > 0.3
+    wt = torch.randn(*n_pos, dtype=torch.float64)
+    fused = full_vocab_divergence_from_hidden(
+        h, w, hr, wr, name, mask, lm_head_bias=b, chunk_size=3, temperature=1.3
+    )
+    grads = torch.autograd.grad((fused * wt).sum(), [h, w, b, hr, wr])
+    ref = full_vocab_divergence(h @ w.T + b, hr @ wr.T, name, mask, temperature=1.3)
+    ref_grads = torch.autograd.grad((ref * wt).sum(), [h, w, b, hr, wr])
+    torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-12)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+
+
+def test_fused_hidden_path_gradients_only_where_required_and_errors():
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(9, 4)
+    hr, wr = torch.randn(6, 3), torch.randn(9, 3)
+    out = full_vocab_divergence_from_hidden(h, w, hr, wr, "js", chunk_size=4)
+    (gh,) = torch.autograd.grad(out.sum(), h)
+    assert gh.shape == h.shape and bool(torch.isfinite(gh).all())
+    with pytest.raises(ValueError, match="vocabulary"):
+        full_vocab_divergence_from_hidden(h, w, hr, wr[:5], "js")
+
+
+@pytest.mark.parametrize(
+    ("trl_beta", "name"), [(0.0, "forward_kl"), (1.0, "reverse_kl"), (0.3, "generalized_jsd(0.7)")]
+)
+def test_matches_trl_chunked_divergence(trl_beta, name):
+    """TRL 1.16's kernel (torch fallback on CPU): beta 0 = KL(teacher‖student), 1 = KL(student‖teacher),
+    else the generalised JSD with TRL's beta = 1 − fdpo's β. Student = π, teacher = π_ref."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(12, 8, generator=g).requires_grad_(True)
+    w = (torch.randn(40, 8, generator=g) * 0.7).requires_grad_(True)
+    hr, wr = torch.randn(12, 6, generator=g), torch.randn(40, 6, generator=g) * 0.7
+    theirs, _ = ChunkedDivergenceFunction.apply(h, w, None, hr, wr, None, trl_beta)
+    their_grads = torch.autograd.grad(theirs.sum(), [h, w])
+    ours = full_vocab_divergence_from_hidden(h, w, hr, wr, name, chunk_size=5)
+    our_grads = torch.autograd.grad(ours.sum(), [h, w])
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- one new entry
+
+
+def test_adding_a_divergence_is_one_class_and_every_path_uses_it():
+    """Triangular discrimination f(u) = (u − 1)²/(u + 1): only f and f′ given; the registry, the
+    generic full-vocabulary terms, the estimators and the table pick it up."""
+    from dataclasses import dataclass
+
+    from fdpo.divergences import format_divergence_table, ref_sample_generator_loss
+
+    @dataclass(frozen=True, repr=False)
+    class Triangular(Divergence):
+        canonical = "triangular_test"
+        aliases = ("tri_test",)
+        formula = "(u − 1)² / (u + 1)"
+        f_prime_formula = "(u − 1)(u + 3) / (u + 1)²"
+        equals = "Σ (π − π_ref)² / (π + π_ref)"
+        f_dpo_valid = False
+        mass_covering = True
+
+        def _f(self, logr):
+            return torch.expm1(logr) ** 2 / (torch.exp(logr) + 1)
+
+        def _f_prime(self, logr):
+            u = torch.exp(logr)
+            return torch.expm1(logr) * (u + 3) / (u + 1) ** 2
+
+    try:
+        register(Triangular)
+        div = get_divergence("tri_test")
+        z, zr, mask = _logits(8)
+        out = full_vocab_divergence(z, zr, div, mask, chunk_size=3)
+        p, q = z.softmax(-1), zr.softmax(-1)
+        ref = (((p - q) ** 2) / (p + q)).sum(-1) * mask
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            torch.autograd.grad(out.sum(), z)[0], torch.autograd.grad(ref.sum(), z)[0], rtol=1e-9, atol=1e-12
+        )
+        assert "triangular_test" in format_divergence_table()
+        lp = torch.tensor([-1.0, -2.0])
+        assert torch.isfinite(ref_sample_generator_loss(lp, lp - 0.5, "triangular_test")).all()
+    finally:
+        _ENTRIES.pop("triangular_test", None)
+        for alias in ("triangular_test", "tri_test"):
+            _NAMES.pop(alias, None)
