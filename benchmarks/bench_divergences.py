@@ -8,19 +8,24 @@ Part 1 (from logits): forward + backward of Σ_positions D_f(π‖π_ref) with t
 requiring grad, for reverse KL, forward KL and JS: ``fdpo`` = :func:`full_vocab_divergence`,
 ``naive`` = log_softmax of both full tensors and the per-token formula, autograd for the rest.
 Part 2 (from hidden states, lm_head vocab × hidden): ``fdpo`` = the fused
-:func:`full_vocab_divergence_from_hidden`, ``naive`` = materialise both logits then as above,
+:func:`full_vocab_divergence_from_hidden` returning per-position values (gradients recomputed in
+backward, like TRL), ``fdpo-sum`` = the same with ``reduction="sum"`` (gradients computed in the
+forward pass, for a loss that is a weighted sum), ``naive`` = materialise both logits then as above,
 ``trl`` = ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (beta 1 = reverse KL,
 0 = forward KL, 0.5 = JS) with CPU-sized tiles, ``liger`` = liger-kernel's chunked JSD if it is
 importable (JS only; skipped otherwise).
 
-Time: best of ``--reps`` forward+backward runs after one warm-up run (wall clock).
-Memory: each variant runs in a fresh subprocess (glibc's mmap threshold pinned to 64 KiB, so
-freed blocks go back to the OS and RSS follows live memory; torch's CPU allocator does not cache).
-After building the inputs, a dummy tensor of the size of the gradient buffers is written and freed,
-then the high-water RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is read: the baseline.
-"extra peak" = high-water RSS after the warm-up forward+backward − baseline, i.e. the peak memory
-beyond the inputs and the gradient buffers. On CUDA it is torch.cuda.max_memory_allocated
-beyond the same baseline. Ratios are fdpo / other, from one run of this script.
+Time: best of ``--reps`` forward+backward runs after one warm-up run (wall clock), with
+``--threads`` torch threads (default: torch's default). On a CPU shared with other busy processes
+use ``--threads 1``: OpenMP's spin-waiting barriers make every parallel region slow when another
+process holds a core, which distorts any comparison.
+Memory: each variant runs in a fresh subprocess; torch's CPU allocator does not cache, and glibc
+returns large freed blocks to the OS, so the process RSS follows live memory. After building the
+inputs, a dummy tensor of the size of the gradient buffers is written and freed, then the
+high-water RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is read: the baseline. "extra
+peak" = high-water RSS after the warm-up forward+backward − baseline, i.e. the peak memory beyond
+the inputs and the gradient buffers. On CUDA it is torch.cuda.max_memory_allocated beyond the
+same baseline. Ratios are fdpo / other, from one run of this script.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ def _worker(args: argparse.Namespace) -> dict:
     import torch
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     b, t, v, hdim = args.batch, args.seq, args.vocab, args.hidden
@@ -97,6 +104,10 @@ def _worker(args: argparse.Namespace) -> dict:
                 d = _naive_divergence(z, zr, name)
         elif variant == "fdpo":
             d = full_vocab_divergence_from_hidden(h, w, hr, wr, name, chunk_size=args.chunk_size)
+        elif variant == "fdpo-sum":
+            d = full_vocab_divergence_from_hidden(
+                h, w, hr, wr, name, chunk_size=args.chunk_size, reduction="sum"
+            )
         elif variant == "naive":
             with torch.no_grad():
                 logits_r = hr @ wr.t()
@@ -156,11 +167,12 @@ def _run_variant(args: argparse.Namespace, part: str, variant: str, name: str) -
         "--part", part, "--variant", variant, "--divergence", name,
         "--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab),
         "--hidden", str(args.hidden), "--reps", str(args.reps), "--device", args.device,
+        "--threads", str(args.threads),
         "--trl-token-chunk", str(args.trl_token_chunk), "--trl-vocab-chunk", str(args.trl_vocab_chunk),
     ]  # fmt: skip
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -189,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trl-token-chunk", type=int, default=256)
     p.add_argument("--trl-vocab-chunk", type=int, default=8192)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="small shapes (2, 128, 8000), hidden 128")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="small shapes (4, 256, 8000), hidden 128")
     p.add_argument("--parts", default="logits,hidden")
     p.add_argument("--divergences", default=",".join(DIVERGENCES))
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
@@ -201,46 +214,52 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_worker(args)))
         return 0
     if args.quick:
-        args.batch, args.seq, args.vocab, args.hidden = 2, 128, 8000, 128
+        args.batch, args.seq, args.vocab, args.hidden = 4, 256, 8000, 128
 
     import torch
 
     names = [n for n in args.divergences.split(",") if n]
     print(
         f"shape (batch, seq, vocab) = ({args.batch}, {args.seq}, {args.vocab}), hidden {args.hidden}, "
-        f"fp32, device {args.device}, torch threads {torch.get_num_threads()}, best of {args.reps}"
+        f"fp32, device {args.device}, torch threads {args.threads or torch.get_num_threads()}, "
+        f"best of {args.reps}"
     )
     print("extra peak = peak memory beyond inputs and gradient buffers (see module docstring)\n")
     for part in args.parts.split(","):
-        variants = ["fdpo", "naive"] + (["trl"] if part == "hidden" else [])
+        variants = ["fdpo", "naive"] if part == "logits" else ["fdpo", "fdpo-sum", "naive", "trl"]
         if part == "hidden" and _liger_available():
             variants.append("liger")
         print(
             f"## from {part}"
             + (f" (TRL tiles {args.trl_token_chunk}×{args.trl_vocab_chunk})" if part == "hidden" else "")
         )
-        header = (
-            "| divergence | variant | time (s) | extra peak (MiB) | fdpo time ratio | fdpo memory ratio |"
-        )
-        print(header)
-        print("|---|---|---|---|---|---|")
+        mine_names = [v for v in variants if v.startswith("fdpo")]
+        cols = ["divergence", "variant", "time (s)", "extra peak (MiB)"]
+        for m in mine_names:
+            cols += [f"time {m}/this", f"memory {m}/this"]
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
         for name in names:
             results = {}
             for variant in variants:
                 if variant == "liger" and name != "js":
                     continue
                 results[variant] = _run_variant(args, part, variant, name)
-            mine = results.get("fdpo")
             for variant, res in results.items():
                 if res is None:
-                    print(f"| {name} | {variant} | failed | | | |")
+                    print(f"| {name} | {variant} | failed | |" + " |" * (2 * len(mine_names)))
                     continue
-                if variant == "fdpo" or mine is None:
-                    tr = mr = "—"
-                else:
-                    tr = f"{mine['time_s'] / res['time_s']:.2f}×"
-                    mr = f"{mine['extra_mb'] / res['extra_mb']:.3f}×" if res["extra_mb"] > 0 else "n/a"
-                print(f"| {name} | {variant} | {res['time_s']:.3f} | {res['extra_mb']:.0f} | {tr} | {mr} |")
+                cells = [name, variant, f"{res['time_s']:.3f}", f"{res['extra_mb']:.0f}"]
+                for m in mine_names:
+                    mine = results.get(m)
+                    if mine is None or variant.startswith("fdpo"):
+                        cells += ["—", "—"]
+                        continue
+                    cells.append(f"{mine['time_s'] / res['time_s']:.2f}×")
+                    cells.append(
+                        f"{mine['extra_mb'] / res['extra_mb']:.3f}×" if res["extra_mb"] > 0 else "n/a"
+                    )
+                print("| " + " | ".join(cells) + " |")
         if part == "hidden" and "liger" not in variants:
             print("(liger-kernel is not installed: its chunked JSD was skipped)")
         print()

@@ -173,6 +173,34 @@ def test_fused_hidden_path_equals_the_logits_path(name):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("name", ["reverse_kl", "js", "neyman_chi2"])
+def test_fused_hidden_weighted_sum_computes_gradients_in_one_pass(name):
+    """reduction='sum': Σ weights·D with the gradients computed alongside the value; equal to the
+    per-position path reduced afterwards, for any upstream scalar, on either side."""
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(B, T, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(VOCAB, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    hr = torch.randn(B, T, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    wr = torch.randn(VOCAB, 4, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64)
+    total = full_vocab_divergence_from_hidden(
+        h, w, hr, wr, name, mask, reduction="sum", weights=weights, chunk_size=4, temperature=0.8
+    )
+    grads = torch.autograd.grad(2.5 * total, [h, w, hr])
+    per_pos = full_vocab_divergence_from_hidden(h, w, hr, wr, name, mask, chunk_size=7, temperature=0.8)
+    ref_total = (per_pos * weights).sum()
+    ref_grads = torch.autograd.grad(2.5 * ref_total, [h, w, hr])
+    torch.testing.assert_close(total, ref_total, rtol=1e-10, atol=1e-12)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+    with torch.no_grad():
+        plain = full_vocab_divergence_from_hidden(h, w, hr, wr, name, mask, reduction="sum", temperature=0.8)
+        assert float(plain) == pytest.approx(float(per_pos.detach().sum()), rel=1e-10)
+    with pytest.raises(ValueError, match="reduction"):
+        full_vocab_divergence_from_hidden(h, w, hr, wr, name, reduction="mean")
+
+
 def test_fused_hidden_path_gradients_only_where_required_and_errors():
     h = torch.randn(6, 4, requires_grad=True)
     w = torch.randn(9, 4)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -59,6 +60,13 @@ class VocabChunk:
         self.logp = logp
         self.logq = logq
         self.log_cap = log_cap
+        self._memo: dict[Any, Tensor] = {}
+
+    def memo(self, key: Any, compute: Callable[[], Tensor]) -> Tensor:
+        """A per-chunk intermediate shared by vocab_value and vocab_dlogp (computed once)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @cached_property
     def p(self) -> Tensor:

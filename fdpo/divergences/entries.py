@@ -182,7 +182,10 @@ class _JSDFamily(Divergence):
         return self.beta * torch.exp(logr) * _log_ratio_to_mix(logr, self.beta)
 
     def _log_m(self, c: VocabChunk) -> Tensor:
-        return torch.logaddexp(c.logp + math.log(self.beta), c.logq + math.log1p(-self.beta))
+        return c.memo(
+            ("log_m", self.beta),
+            lambda: torch.logaddexp(c.logp + math.log(self.beta), c.logq + math.log1p(-self.beta)),
+        )
 
     def vocab_value(self, c: VocabChunk) -> Tensor:
         log_m = self._log_m(c)

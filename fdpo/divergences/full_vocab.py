@@ -23,6 +23,13 @@ log-probabilities are floored at ``LOG_ZERO`` = −1e4 so that −inf logits giv
 (a token with p = 0 < q under forward KL then costs ≈ q·1e4 instead of +∞); each per-token term
 is capped at finfo.max/16/vocab so a row sum never overflows. The result is float32 (float64).
 
+Speed: per chunk the work is ~25 element-wise kernels over (chunk, vocab) tensors that fit in
+cache, so it is usually faster than the one-shot computation over full tensors (see
+``benchmarks/bench_divergences.py``). On a CPU shared with other busy processes, OpenMP's default
+spin-waiting can make each of these small parallel regions slow (seen: 10×); run with
+``OMP_WAIT_POLICY=PASSIVE`` or fewer threads (``torch.set_num_threads``), or pass a larger
+``chunk_size``.
+
 ``full_vocab_divergence_from_hidden`` fuses the LM-head projection: it never materialises the
 (batch, seq, vocab) logits of either model, projects chunk by chunk, and returns gradients for the
 hidden states, the LM-head weights and biases of whichever side requires them.
@@ -40,10 +47,11 @@ from fdpo.divergences.base import LOG_ZERO, Divergence, VocabChunk
 from fdpo.divergences.numerics import SAFE_FRACTION
 from fdpo.divergences.registry import resolve_divergence
 
-#: default chunk, in (position × vocab) elements: on CPU small enough that a chunk's working set
-#: (≈ 6 such tensors, 2 MiB each in float32) stays in a last-level cache; on accelerators large
-#: enough to amortise kernel launches (32 MiB per tensor in float32).
-DEFAULT_CHUNK_ELEMENTS = {"cpu": 2**19, "accelerator": 2**23}
+#: default chunk, in (position × vocab) elements: 8 MiB per float32 tensor on CPU (the working
+#: set of a chunk, ≈ 6 such tensors, stays near the last-level cache while the number of small
+#: parallel regions stays low: with OpenMP's default spin-waiting, an oversubscribed CPU makes
+#: every region slow; see the module docstring), 32 MiB on accelerators to amortise launches.
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 2**21, "accelerator": 2**23}
 
 
 def default_chunk_size(vocab: int, device: torch.device | str = "cpu") -> int:
@@ -113,27 +121,47 @@ def _chunk_value(div: Divergence, c: VocabChunk) -> Tensor:
 
 
 def _chunk_grads(
-    div: Divergence, c: VocabChunk, scale: Tensor, need_p: bool, need_q: bool
+    div: Divergence,
+    c: VocabChunk,
+    scale: Tensor,
+    need_p: bool,
+    need_q: bool,
+    out_p: Tensor | None = None,
+    out_q: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """d(Σ_rows scale·D)/dz for both sides of one chunk (rows, vocab), in the compute dtype."""
+    """d(Σ_rows scale·D)/dz for both sides of one chunk (rows, vocab), in the compute dtype.
+
+    ``out_p``/``out_q``: optional slices of the gradient buffers (same dtype) written in place,
+    which saves a copy; the returned tensors are then those slices.
+    """
     b = div.vocab_dlogp(c)
-    if any(b is t for t in c.__dict__.values()) or b._base is not None:
-        b = b.clone()
+    if b._base is not None or any(b is t for t in (*c.__dict__.values(), *c._memo.values())):
+        b = b.clone()  # never modify a cached intermediate in place
     gq = None
     if need_q:
         gq = div.vocab_value(c) - b
-        gq.addcmul_(c.q, gq.sum(dim=-1, keepdim=True), value=-1.0).mul_(scale)
+        gq.addcmul_(c.q, gq.sum(dim=-1, keepdim=True), value=-1.0)
+        gq = torch.mul(gq, scale, out=out_q) if out_q is not None else gq.mul_(scale)
     gp = None
     if need_p:
-        gp = b.addcmul_(c.p, b.sum(dim=-1, keepdim=True), value=-1.0).mul_(scale)
+        b.addcmul_(c.p, b.sum(dim=-1, keepdim=True), value=-1.0)
+        gp = torch.mul(b, scale, out=out_p) if out_p is not None else b.mul_(scale)
     return gp, gq
 
 
 def _store(buf: Tensor, sel: slice | Tensor, value: Tensor) -> None:
     if isinstance(sel, slice):
-        buf[sel].copy_(value)
+        if value.data_ptr() != buf[sel].data_ptr():
+            buf[sel].copy_(value)
     else:
         buf.index_copy_(0, sel, value.to(buf.dtype))
+
+
+def _out_slice(buf: Tensor | None, sel: slice | Tensor, dtype: torch.dtype) -> Tensor | None:
+    """A writable view of the buffer rows for ``sel`` when results can go there directly."""
+    if buf is None or not isinstance(sel, slice) or buf.dtype != dtype:
+        return None
+    return buf[sel]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +221,15 @@ class _FullVocabFromLogits(torch.autograd.Function):
                 logp, _ = _log_softmax_rows(zp[0], _rows(lse[0], sel), zp[1])
                 logq, _ = _log_softmax_rows(zq[0], _rows(lse[1], sel), zq[1])
                 c = VocabChunk(logp, logq, ctx.log_cap)
-                gp, gq = _chunk_grads(ctx.div, c, _rows(scale_all, sel).unsqueeze(-1), need_p, need_q)
+                gp, gq = _chunk_grads(
+                    ctx.div,
+                    c,
+                    _rows(scale_all, sel).unsqueeze(-1),
+                    need_p,
+                    need_q,
+                    out_p=_out_slice(gz, sel, cdtype),
+                    out_q=_out_slice(gzr, sel, cdtype),
+                )
                 if gp is not None:
                     _store(gz, sel, gp)
                 if gq is not None:
@@ -291,7 +327,59 @@ def _project(
     return z
 
 
+def _zeros_like_if(x: Tensor | None, needed: bool, dtype: torch.dtype) -> Tensor | None:
+    return torch.zeros(x.shape, dtype=dtype, device=x.device) if (x is not None and needed) else None
+
+
+def _hidden_pass(
+    tensors: tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor | None],
+    plan: _Plan,
+    div: Divergence,
+    temperature: float,
+    log_cap: float,
+    cdtype: torch.dtype,
+    lse: Tensor | None,
+    scale_all: Tensor | None,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    """One pass over the chunks: values (when ``lse`` is None, filling it) and, when ``scale_all``
+    is given, the gradients Σ_i scale_i ∂D_i/∂(h, W, b, h_ref, W_ref, b_ref) for ``needs``."""
+    h, w, b, hr, wr, br = tensors
+    n = h.shape[0]
+    out = torch.zeros(n, dtype=cdtype, device=h.device)
+    fill = lse is None
+    if fill:
+        lse = torch.zeros(2, n, dtype=cdtype, device=h.device)
+    acc = torch.float64 if cdtype == torch.float64 else torch.float32
+    grads = [_zeros_like_if(t, scale_all is not None and need, acc) for t, need in zip(tensors, needs)]
+    need_p, need_q = scale_all is not None and any(needs[0:3]), scale_all is not None and any(needs[3:6])
+    for sel in plan.chunks():
+        hs, hrs = _rows(h, sel), _rows(hr, sel)
+        known = (None, None) if fill else (_rows(lse[0], sel), _rows(lse[1], sel))
+        logp, lse_p = _log_softmax_rows(_project(hs, w, b, cdtype, temperature), known[0], True)
+        logq, lse_q = _log_softmax_rows(_project(hrs, wr, br, cdtype, temperature), known[1], True)
+        c = VocabChunk(logp, logq, log_cap)
+        if fill:
+            d = _chunk_value(div, c)
+            if plan.dense:
+                out[sel], lse[0, sel], lse[1, sel] = d, lse_p, lse_q
+            else:
+                out.index_copy_(0, sel, d)
+                lse[0].index_copy_(0, sel, lse_p)
+                lse[1].index_copy_(0, sel, lse_q)
+        if need_p or need_q:
+            gp, gq = _chunk_grads(div, c, _rows(scale_all, sel).unsqueeze(-1), need_p, need_q)
+            del c, logp, logq
+            _accumulate(gp, hs, w, sel, *grads[0:3])
+            _accumulate(gq, hrs, wr, sel, *grads[3:6])
+    return out, lse, grads
+
+
 class _FullVocabFromHidden(torch.autograd.Function):
+    """Per-position values, gradients recomputed chunk by chunk in backward; or, with ``weights``
+    given (a weighted sum is wanted), one scalar Σ_i w_i D_i whose gradients are computed in the
+    same pass as the value (no recomputation; backward only scales them by the upstream scalar)."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
@@ -302,71 +390,58 @@ class _FullVocabFromHidden(torch.autograd.Function):
         wr: Tensor,
         br: Tensor | None,
         mask: Tensor | None,
+        weights: Tensor | None,
+        eager: bool,
         div: Divergence,
         chunk_rows: int,
         temperature: float,
     ) -> Tensor:
-        n, vocab = h.shape[0], w.shape[0]
+        tensors = (h, w, b, hr, wr, br)
         cdtype = _compute_dtype(h, w, hr, wr)
-        plan = _Plan(n, mask, chunk_rows, h.device)
-        log_cap = _log_cap(cdtype, vocab)
-        out = torch.zeros(n, dtype=cdtype, device=h.device)
-        lse = torch.zeros(2, n, dtype=cdtype, device=h.device)
-        with torch.no_grad():
-            for sel in plan.chunks():
-                logp, lse_p = _log_softmax_rows(
-                    _project(_rows(h, sel), w, b, cdtype, temperature), None, True
-                )
-                logq, lse_q = _log_softmax_rows(
-                    _project(_rows(hr, sel), wr, br, cdtype, temperature), None, True
-                )
-                d = _chunk_value(div, VocabChunk(logp, logq, log_cap))
-                if plan.dense:
-                    out[sel], lse[0, sel], lse[1, sel] = d, lse_p, lse_q
-                else:
-                    out.index_copy_(0, sel, d)
-                    lse[0].index_copy_(0, sel, lse_p)
-                    lse[1].index_copy_(0, sel, lse_q)
-        ctx.save_for_backward(h, w, b, hr, wr, br, lse)
+        plan = _Plan(h.shape[0], mask, chunk_rows, h.device)
+        log_cap = _log_cap(cdtype, w.shape[0])
         ctx.plan, ctx.div, ctx.temperature, ctx.log_cap = plan, div, temperature, log_cap
-        ctx.mark_non_differentiable(lse)
-        return out
+        ctx.reduced = weights is not None
+        with torch.no_grad():
+            if weights is None:
+                out, lse, _ = _hidden_pass(tensors, plan, div, temperature, log_cap, cdtype, None, None, ())
+                ctx.save_for_backward(h, w, b, hr, wr, br, lse)
+                ctx.eager_grads = None
+                return out
+            scale = weights.reshape(-1).to(cdtype) / temperature
+            needs = tuple(t is not None and t.requires_grad for t in tensors) if eager else (False,) * 6
+            out, lse, grads = _hidden_pass(
+                tensors, plan, div, temperature, log_cap, cdtype, None, scale, needs
+            )
+            ctx.eager_grads = grads
+            ctx.save_for_backward(h, w, b, hr, wr, br, lse)
+            ctx.scale = scale
+            return (out * weights.reshape(-1).to(cdtype)).sum()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         h, w, b, hr, wr, br, lse = ctx.saved_tensors
-        nig = ctx.needs_input_grad
-        need_p, need_q = any(nig[0:3]), any(nig[3:6])
-        plan: _Plan = ctx.plan
-        cdtype = lse.dtype
-        acc = torch.float64 if cdtype == torch.float64 else torch.float32
-        g_h = torch.zeros(h.shape, dtype=acc, device=h.device) if nig[0] else None
-        g_w = torch.zeros(w.shape, dtype=acc, device=w.device) if nig[1] else None
-        g_b = torch.zeros(b.shape, dtype=acc, device=b.device) if (b is not None and nig[2]) else None
-        g_hr = torch.zeros(hr.shape, dtype=acc, device=hr.device) if nig[3] else None
-        g_wr = torch.zeros(wr.shape, dtype=acc, device=wr.device) if nig[4] else None
-        g_br = torch.zeros(br.shape, dtype=acc, device=br.device) if (br is not None and nig[5]) else None
-        scale_all = grad_out.to(cdtype) / ctx.temperature
-        with torch.no_grad():
-            for sel in plan.chunks():
-                hs, hrs = _rows(h, sel), _rows(hr, sel)
-                logp, _ = _log_softmax_rows(
-                    _project(hs, w, b, cdtype, ctx.temperature), _rows(lse[0], sel), True
+        tensors = (h, w, b, hr, wr, br)
+        nig = ctx.needs_input_grad[:6]
+        if ctx.eager_grads is not None and all(
+            g is not None or not need for g, need in zip(ctx.eager_grads, nig)
+        ):
+            grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.eager_grads]
+        else:
+            if ctx.reduced:
+                scale_all = ctx.scale * grad_out.to(lse.dtype)
+            else:
+                scale_all = grad_out.to(lse.dtype) / ctx.temperature
+            with torch.no_grad():
+                _, _, grads = _hidden_pass(
+                    tensors, ctx.plan, ctx.div, ctx.temperature, ctx.log_cap, lse.dtype, lse, scale_all, nig
                 )
-                logq, _ = _log_softmax_rows(
-                    _project(hrs, wr, br, cdtype, ctx.temperature), _rows(lse[1], sel), True
-                )
-                c = VocabChunk(logp, logq, ctx.log_cap)
-                gp, gq = _chunk_grads(ctx.div, c, _rows(scale_all, sel).unsqueeze(-1), need_p, need_q)
-                del c, logp, logq
-                _accumulate(gp, hs, w, sel, g_h, g_w, g_b)
-                _accumulate(gq, hrs, wr, sel, g_hr, g_wr, g_br)
-
-        def cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
-            return None if g is None or like is None else g.to(like.dtype)
-
-        return (cast(g_h, h), cast(g_w, w), cast(g_b, b), cast(g_hr, hr), cast(g_wr, wr), cast(g_br, br),
-                None, None, None, None)  # fmt: skip
+        ctx.eager_grads = None
+        out = [
+            None if (g is None or t is None or not need) else g.to(t.dtype)
+            for g, t, need in zip(grads, tensors, nig)
+        ]
+        return (*out, None, None, None, None, None, None)
 
 
 def _accumulate(
@@ -405,6 +480,8 @@ def full_vocab_divergence_from_hidden(
     ref_lm_head_bias: Tensor | None = None,
     chunk_size: int | None = None,
     temperature: float = 1.0,
+    reduction: str = "none",
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Per-position D_f(π ‖ π_ref) from final hidden states, never materialising full logits.
 
@@ -414,7 +491,13 @@ def full_vocab_divergence_from_hidden(
     runs chunk by chunk in the weights' dtype (as the model's own LM head would), the divergence in
     float32 (float64 for float64 inputs); gradients of the hidden states, weights and biases of
     whichever side requires grad are accumulated in float32 and returned in their own dtype.
-    Returns (...) per-position values (float32/float64); masked positions give 0.
+
+    ``reduction="none"`` returns (...) per-position values (masked positions 0); the backward pass
+    recomputes both projections chunk by chunk. ``reduction="sum"`` returns the scalar
+    Σ_positions weights · D (``weights`` (...) defaults to 1, masked positions excluded) and, when
+    gradients are needed, computes them in the same pass as the value: no recomputation, so about
+    a third fewer matrix products, for the usual case of a loss that is a weighted sum (e.g.
+    ``weights = mask / mask.sum()`` for a token mean).
     """
     div = resolve_divergence(divergence)
     lead = hidden.shape[:-1]
@@ -432,8 +515,16 @@ def full_vocab_divergence_from_hidden(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if reduction not in ("none", "sum"):
+        raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
+    if weights is not None and (reduction != "sum" or weights.shape != lead):
+        raise ValueError(f"weights need reduction='sum' and the positions' shape {tuple(lead)}")
+    if reduction == "sum" and weights is None:
+        weights = torch.ones(lead, dtype=torch.float32, device=hidden.device)
     vocab = lm_head_weight.shape[0]
     rows = chunk_size or default_chunk_size(vocab, hidden.device)
+    inputs = (hidden, lm_head_weight, lm_head_bias, ref_hidden, ref_lm_head_weight, ref_lm_head_bias)
+    eager = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     out = _FullVocabFromHidden.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         lm_head_weight,
@@ -442,8 +533,10 @@ def full_vocab_divergence_from_hidden(
         ref_lm_head_weight,
         ref_lm_head_bias,
         _flat_mask(mask, lead),
+        None if weights is None else weights.detach(),
+        eager,
         div,
         int(rows),
         float(temperature),
     )
-    return out.reshape(lead)
+    return out if reduction == "sum" else out.reshape(lead)
