@@ -63,30 +63,27 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _worker(args: argparse.Namespace) -> dict:
+def _inputs(args: argparse.Namespace, part: str) -> dict:
     import torch
 
     torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
     b, t, v, hdim = args.batch, args.seq, args.vocab, args.hidden
-    n = b * t
-    variant, name = args.variant, args.divergence
-
-    if args.part == "logits":
+    if part == "logits":
         z = (3.0 * torch.randn(b, t, v, device=device)).requires_grad_(True)
         zr = 3.0 * torch.randn(b, t, v, device=device)
-        grad_numel = z.numel()
-        params = [z]
-    else:
-        h = torch.randn(n, hdim, device=device).requires_grad_(True)
-        w = (torch.randn(v, hdim, device=device) / math.sqrt(hdim) * 3).requires_grad_(True)
-        hr = torch.randn(n, hdim, device=device)
-        wr = torch.randn(v, hdim, device=device) / math.sqrt(hdim) * 3
-        grad_numel = h.numel() + w.numel()
-        params = [h, w]
+        return {"z": z, "zr": zr, "params": [z], "grad_numel": z.numel()}
+    n = b * t
+    h = torch.randn(n, hdim, device=device).requires_grad_(True)
+    w = (torch.randn(v, hdim, device=device) / math.sqrt(hdim) * 3).requires_grad_(True)
+    hr = torch.randn(n, hdim, device=device)
+    wr = torch.randn(v, hdim, device=device) / math.sqrt(hdim) * 3
+    return {"h": h, "w": w, "hr": hr, "wr": wr, "params": [h, w], "grad_numel": h.numel() + w.numel()}
+
+
+def _step(args: argparse.Namespace, part: str, variant: str, name: str, x: dict):
+    """One forward + backward of Σ_positions D_f for ``variant``, as a callable."""
+    import torch
 
     from fdpo.divergences import full_vocab_divergence, full_vocab_divergence_from_hidden
 
@@ -95,76 +92,108 @@ def _worker(args: argparse.Namespace) -> dict:
 
         tcd.TOKEN_CHUNK_SIZE = args.trl_token_chunk
         tcd.VOCAB_CHUNK_SIZE = args.trl_vocab_chunk
+    chunk = args.chunk_size or None
 
-    def step():
-        if args.part == "logits":
+    def forward():
+        if part == "logits":
             if variant == "fdpo":
-                d = full_vocab_divergence(z, zr, name, chunk_size=args.chunk_size)
-            else:
-                d = _naive_divergence(z, zr, name)
-        elif variant == "fdpo":
-            d = full_vocab_divergence_from_hidden(h, w, hr, wr, name, chunk_size=args.chunk_size)
-        elif variant == "fdpo-sum":
-            d = full_vocab_divergence_from_hidden(
-                h, w, hr, wr, name, chunk_size=args.chunk_size, reduction="sum"
-            )
-        elif variant == "naive":
+                return full_vocab_divergence(x["z"], x["zr"], name, chunk_size=chunk)
+            return _naive_divergence(x["z"], x["zr"], name)
+        h, w, hr, wr = x["h"], x["w"], x["hr"], x["wr"]
+        if variant == "fdpo":
+            return full_vocab_divergence_from_hidden(h, w, hr, wr, name, chunk_size=chunk)
+        if variant == "fdpo-sum":
+            return full_vocab_divergence_from_hidden(h, w, hr, wr, name, chunk_size=chunk, reduction="sum")
+        if variant == "naive":
             with torch.no_grad():
                 logits_r = hr @ wr.t()
-            d = _naive_divergence(h @ w.t(), logits_r, name)
-        elif variant == "trl":
+            return _naive_divergence(h @ w.t(), logits_r, name)
+        if variant == "trl":
             from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-            d, _ = ChunkedDivergenceFunction.apply(h, w, None, hr, wr, None, DIVERGENCES[name])
-        elif variant == "liger":
+            return ChunkedDivergenceFunction.apply(h, w, None, hr, wr, None, DIVERGENCES[name])[0]
+        if variant == "liger":
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # type: ignore
 
-            loss_fn = LigerFusedLinearJSDLoss(jsd_beta=0.5)
-            return loss_fn(h, w, hr, wr, torch.zeros(n, dtype=torch.long, device=device)).backward()
-        else:
-            raise ValueError(variant)
-        d.sum().backward()
-        for p in params:
+            n = h.shape[0]
+            return LigerFusedLinearJSDLoss(jsd_beta=0.5)(h, w, hr, wr, torch.zeros(n, dtype=torch.long))
+        raise ValueError(variant)
+
+    def step():
+        forward().sum().backward()
+        for p in x["params"]:
             p.grad = None
 
-    # baseline: inputs + a written gradient-sized buffer
-    if cuda:
+    return step
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
-        dummy = torch.ones(grad_numel, device=device)
+
+
+def _worker_memory(args: argparse.Namespace) -> dict:
+    """Peak memory beyond inputs and gradient buffers of one forward+backward (fresh process)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x = _inputs(args, args.part)
+    step = _step(args, args.part, args.variant, args.divergence, x)
+    if args.device.startswith("cuda"):
+        _sync(args.device)
+        dummy = torch.ones(x["grad_numel"], device=args.device)
         base = torch.cuda.max_memory_allocated()
         del dummy
         torch.cuda.reset_peak_memory_stats()
-        step()  # warm-up, measured for memory
-        torch.cuda.synchronize()
+        step()
+        _sync(args.device)
         extra = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        dummy = torch.ones(grad_numel)
+        dummy = torch.ones(x["grad_numel"])  # written, so its pages count in RSS
         base = _rss_mb()
         del dummy
         step()
         extra = _rss_mb() - base
+    return {"extra_mb": max(extra, 0.0)}
 
-    times = []
+
+def _worker_time(args: argparse.Namespace) -> dict:
+    """Best-of-reps time per variant; variants interleaved round-robin on the same inputs so that
+    load from other processes hits all of them alike."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x = _inputs(args, args.part)
+    variants = args.variant.split(",")
+    steps = {v: _step(args, args.part, v, args.divergence, x) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for v in variants:
+        steps[v]()  # warm-up
     for _ in range(args.reps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return {"time_s": min(times), "extra_mb": max(extra, 0.0)}
+        for v in variants:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            steps[v]()
+            _sync(args.device)
+            times[v].append(time.perf_counter() - t0)
+    return {v: min(ts) for v, ts in times.items()}
 
 
 # ----------------------------------------------------------------------------- driver side
 
 
-def _run_variant(args: argparse.Namespace, part: str, variant: str, name: str) -> dict | None:
+def _run_worker(
+    args: argparse.Namespace, mode: str, part: str, variants: list[str], name: str
+) -> dict | None:
     cmd = [
         sys.executable,
         __file__,
-        "--_worker",
-        "--part", part, "--variant", variant, "--divergence", name,
+        "--_worker", mode,
+        "--part", part, "--variant", ",".join(variants), "--divergence", name,
         "--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab),
         "--hidden", str(args.hidden), "--reps", str(args.reps), "--device", args.device,
         "--threads", str(args.threads),
@@ -177,7 +206,7 @@ def _run_variant(args: argparse.Namespace, part: str, variant: str, name: str) -
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-        print(f"  [{part}/{variant}/{name}] skipped: {msg}", file=sys.stderr)
+        print(f"  [{mode} {part}/{','.join(variants)}/{name}] failed: {msg}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -205,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes (4, 256, 8000), hidden 128")
     p.add_argument("--parts", default="logits,hidden")
     p.add_argument("--divergences", default=",".join(DIVERGENCES))
-    p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=["memory", "time"], help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--divergence", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
-        print(json.dumps(_worker(args)))
+        print(json.dumps(_worker_memory(args) if args._worker == "memory" else _worker_time(args)))
         return 0
     if args.quick:
         args.batch, args.seq, args.vocab, args.hidden = 4, 256, 8000, 128
@@ -240,11 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
         for name in names:
+            run = [v for v in variants if not (v == "liger" and name != "js")]
+            times = _run_worker(args, "time", part, run, name) or {}
             results = {}
-            for variant in variants:
-                if variant == "liger" and name != "js":
-                    continue
-                results[variant] = _run_variant(args, part, variant, name)
+            for variant in run:
+                mem = _run_worker(args, "memory", part, [variant], name)
+                results[variant] = (
+                    None if (mem is None or variant not in times) else {"time_s": times[variant], **mem}
+                )
             for variant, res in results.items():
                 if res is None:
                     print(f"| {name} | {variant} | failed | |" + " |" * (2 * len(mine_names)))

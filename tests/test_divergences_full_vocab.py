@@ -201,6 +201,24 @@ def test_fused_hidden_weighted_sum_computes_gradients_in_one_pass(name):
         full_vocab_divergence_from_hidden(h, w, hr, wr, name, reduction="mean")
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_fused_hidden_path_with_reference_logits_instead_of_a_reference_head(reduction):
+    g = torch.Generator().manual_seed(10)
+    h = torch.randn(B, T, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(VOCAB, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    ref_logits = torch.randn(B, T, VOCAB, generator=g, dtype=torch.float64).requires_grad_(True)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    out = full_vocab_divergence_from_hidden(
+        h, w, ref_logits, None, "js", mask, chunk_size=3, reduction=reduction
+    )
+    grads = torch.autograd.grad(out.sum(), [h, w, ref_logits])
+    ref = full_vocab_divergence(h @ w.T, ref_logits, "js", mask)
+    ref_grads = torch.autograd.grad(ref.sum(), [h, w, ref_logits])
+    torch.testing.assert_close(out, ref.sum() if reduction == "sum" else ref, rtol=1e-10, atol=1e-12)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+
+
 def test_fused_hidden_path_gradients_only_where_required_and_errors():
     h = torch.randn(6, 4, requires_grad=True)
     w = torch.randn(9, 4)

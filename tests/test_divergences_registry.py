@@ -160,3 +160,4 @@ def test_table_rows_markdown_and_rich_printout():
     text = buf.getvalue()
     for name in available_divergences():
         assert name in text
+    assert "½[u log u" in text  # formulas with brackets are not eaten as rich markup

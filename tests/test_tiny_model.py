@@ -76,10 +76,21 @@ def test_build_leaves_global_rng_alone(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_qwen2_arch_loads_and_runs(tmp_path):
+def test_qwen2_arch_loads_with_the_same_tokenizer(tmp_path):
+    """AutoTokenizer picks its own Qwen2Tokenizer for qwen2 dirs; it must behave exactly like ours."""
+    llama = build_tiny_model(tmp_path / "l", arch="llama", **SMALL)
     path = build_tiny_model(tmp_path / "q", arch="qwen2", **SMALL)
     model, tok = _load(path)
+    ref = AutoTokenizer.from_pretrained(llama)
     assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert (path / "tokenizer.json").read_bytes() == (llama / "tokenizer.json").read_bytes()
+    assert len(tok) == len(ref) == model.config.vocab_size and tok.unk_token is None
+    msgs = [{"role": "user", "content": "Split 17 into two numbers."}, {"role": "assistant", "content": "9+8"}]
+    for text in ("Write two numbers that add up to 27.", "héllo  wörld\n 12+150 ✓"):
+        assert tok(text)["input_ids"] == ref(text)["input_ids"]
+        assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.apply_chat_template(msgs, tokenize=False) == ref.apply_chat_template(msgs, tokenize=False)
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (ref.pad_token_id, ref.eos_token_id, ref.bos_token_id)
     out = model(tok("3+4", return_tensors="pt")["input_ids"])
     assert out.logits.shape[-1] == len(tok)
 
@@ -148,5 +159,5 @@ def test_trl_sft_tokenization_masks_exactly_the_completion(tiny_model_dir, task_
     args = SFTConfig(output_dir=str(tmp_path), max_length=64, report_to=[], use_cpu=True, max_steps=1)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     for raw, row in zip(ds, trainer.train_dataset):
-        answer = [i for i, lab in zip(row["input_ids"], row["completion_mask"]) if lab]
+        answer = [lab for lab in row["labels"] if lab != -100]  # TRL turns the completion mask into labels
         assert tok.decode(answer) == raw["completion"][0]["content"] + EOS

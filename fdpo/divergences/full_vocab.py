@@ -200,7 +200,6 @@ class _FullVocabFromLogits(torch.autograd.Function):
                     lse[1].index_copy_(0, sel, lse_q)
         ctx.save_for_backward(z, zr, lse)
         ctx.plan, ctx.div, ctx.temperature, ctx.log_cap = plan, div, temperature, log_cap
-        ctx.mark_non_differentiable(lse)
         return out
 
     @staticmethod
@@ -315,10 +314,14 @@ def _flat_mask(mask: Tensor | None, lead: torch.Size) -> Tensor | None:
 
 
 def _project(
-    h: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, temperature: float
+    h: Tensor, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype, temperature: float
 ) -> Tensor:
     """(rows, H) @ (V, H)ᵀ (+ b), in the weights' dtype like the model's own LM head, then the
-    compute dtype, divided by T. Returns a fresh tensor."""
+    compute dtype, divided by T. Returns a fresh tensor. Without a weight, ``h`` already holds
+    (rows, V) logits or log-probabilities."""
+    if weight is None:
+        z = h.to(dtype, copy=True)
+        return z.div_(temperature) if temperature != 1.0 else z
     h = h.to(weight.dtype)
     z = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
     z = z.to(dtype)
@@ -447,17 +450,18 @@ class _FullVocabFromHidden(torch.autograd.Function):
 def _accumulate(
     gz: Tensor | None,
     hs: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     sel: slice | Tensor,
     g_h: Tensor | None,
     g_w: Tensor | None,
     g_b: Tensor | None,
 ) -> None:
-    """Chain rule through z = h Wᵀ + b for one chunk: dh = dz W, dW += dzᵀ h, db += Σ dz."""
+    """Chain rule through z = h Wᵀ + b for one chunk: dh = dz W, dW += dzᵀ h, db += Σ dz
+    (without a weight, z = h and dh = dz)."""
     if gz is None:
         return
     if g_h is not None:
-        dh = gz.to(weight.dtype) @ weight
+        dh = gz if weight is None else gz.to(weight.dtype) @ weight
         if isinstance(sel, slice):
             g_h[sel] += dh
         else:
@@ -472,7 +476,7 @@ def full_vocab_divergence_from_hidden(
     hidden: Tensor,
     lm_head_weight: Tensor,
     ref_hidden: Tensor,
-    ref_lm_head_weight: Tensor,
+    ref_lm_head_weight: Tensor | None,
     divergence: str | Divergence,
     mask: Tensor | None = None,
     *,
@@ -487,7 +491,9 @@ def full_vocab_divergence_from_hidden(
 
     π = softmax((hidden @ lm_head_weightᵀ + lm_head_bias)/T) and likewise for π_ref. Shapes:
     hidden (..., H), lm_head_weight (V, H), ref_hidden (..., H_ref), ref_lm_head_weight (V, H_ref)
-    (the two models may have different hidden sizes but share the vocabulary). The projection
+    (the two models may have different hidden sizes but share the vocabulary). With
+    ``ref_lm_head_weight=None``, ``ref_hidden`` holds the reference's logits or log-probabilities
+    (..., V) instead (e.g. precomputed teacher outputs); only the policy side is then fused. The projection
     runs chunk by chunk in the weights' dtype (as the model's own LM head would), the divergence in
     float32 (float64 for float64 inputs); gradients of the hidden states, weights and biases of
     whichever side requires grad are accumulated in float32 and returned in their own dtype.
@@ -505,11 +511,14 @@ def full_vocab_divergence_from_hidden(
         raise ValueError(
             f"hidden {tuple(hidden.shape)} and ref_hidden {tuple(ref_hidden.shape)} differ in positions"
         )
-    if lm_head_weight.shape[0] != ref_lm_head_weight.shape[0]:
-        raise ValueError(
-            f"vocabulary sizes differ: {lm_head_weight.shape[0]} (policy) vs {ref_lm_head_weight.shape[0]} (ref)"
-        )
-    if hidden.shape[-1] != lm_head_weight.shape[1] or ref_hidden.shape[-1] != ref_lm_head_weight.shape[1]:
+    ref_vocab = ref_hidden.shape[-1] if ref_lm_head_weight is None else ref_lm_head_weight.shape[0]
+    if lm_head_weight.shape[0] != ref_vocab:
+        raise ValueError(f"vocabulary sizes differ: {lm_head_weight.shape[0]} (policy) vs {ref_vocab} (ref)")
+    if ref_lm_head_weight is None and ref_lm_head_bias is not None:
+        raise ValueError("ref_lm_head_bias needs ref_lm_head_weight")
+    if hidden.shape[-1] != lm_head_weight.shape[1] or (
+        ref_lm_head_weight is not None and ref_hidden.shape[-1] != ref_lm_head_weight.shape[1]
+    ):
         raise ValueError(
             "hidden size does not match the LM head weight (expected weight of shape (vocab, hidden))"
         )

@@ -57,6 +57,7 @@ def format_divergence_table(columns: tuple[str, ...] = _COLUMNS) -> str:
 def print_divergence_table(console: Any = None) -> None:
     """Print the registry with ``rich`` (the ``fdpo divergences`` command)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -69,5 +70,5 @@ def print_divergence_table(console: Any = None) -> None:
     for col in ("name", "aliases", *_COLUMNS[1:]):
         table.add_column(col, overflow="fold")
     for row in divergence_table_rows():
-        table.add_row(row["name"], row["aliases"], *(row[c] for c in _COLUMNS[1:]))
+        table.add_row(*(escape(row[c]) for c in ("name", "aliases", *_COLUMNS[1:])))
     console.print(table)

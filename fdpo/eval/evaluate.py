@@ -38,6 +38,17 @@ def _load_rows(task: str, data_file: str | Path | None) -> list[dict[str, Any]]:
     return rows
 
 
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+def _sampling_threads(model, device: str, cpu_threads: int | None) -> int | None:
+    if not str(device).startswith("cpu"):
+        return None
+    if cpu_threads is not None:
+        return cpu_threads
+    return 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS else None
+
+
 def _default_json(model_path: str | Path, task: str) -> Path | None:
     path = Path(model_path)
     return path / f"eval_{task}.json" if path.is_dir() else None
@@ -59,6 +70,7 @@ def evaluate_checkpoint(
     greedy: bool = True,
     num_examples: int = 8,
     device: str | None = None,
+    cpu_threads: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate the checkpoint at `model_path` on `task`; returns the result dict (see module docstring).
 
@@ -67,6 +79,10 @@ def evaluate_checkpoint(
     held-out eval prompts. `num_prompts` keeps the first ones (None: all). `max_new_tokens=None`
     uses the task's budget. The JSON goes to `out_json`; None means `<model_path>/eval_<task>.json`
     when `model_path` is a local directory, False means no file.
+
+    `cpu_threads`: torch intra-op threads while sampling on a CPU (restored afterwards). None means
+    1 for a model under `SMALL_MODEL_PARAMS` parameters (its matmuls are too small to gain from
+    threads, and on shared cores spinning threads make generation 10-50x slower), else unchanged.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,12 +105,21 @@ def evaluate_checkpoint(
     model = AutoModelForCausalLM.from_pretrained(model_path).to(device)
     prompts = [r["prompt"] for r in rows]
     common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed}
-    samples = sample_completions(
-        model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, top_p=top_p, **common
-    )
-    greedy_samples = (
-        sample_completions(model, tokenizer, prompts, num_samples=1, do_sample=False, **common) if greedy else None
-    )
+    threads = _sampling_threads(model, device, cpu_threads)
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        samples = sample_completions(
+            model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, top_p=top_p, **common
+        )
+        greedy_samples = (
+            sample_completions(model, tokenizer, prompts, num_samples=1, do_sample=False, **common)
+            if greedy
+            else None
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
 
     per_prompt: list[dict[str, Any]] = []
     for i, (row, t, comps) in enumerate(zip(rows, row_tasks, samples)):
@@ -150,6 +175,7 @@ def evaluate_checkpoint(
         "batch_size": batch_size,
         "data_file": str(data_file) if data_file is not None else None,
         "device": device,
+        "cpu_threads": threads,
         "wall_time_s": round(time.time() - start, 2),
     }
     result["examples"] = [

@@ -18,6 +18,7 @@ _LABELS = {
 def render_eval_table(result: dict[str, Any], console=None) -> None:
     """Print the headline metrics, the per-difficulty breakdown and a few sample completions."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -45,6 +46,7 @@ def render_eval_table(result: dict[str, Any], console=None) -> None:
             sub.add_row(level, str(row["num_prompts"]), f"{row['pass@1']:.3f}", f"{row['distinct_correct']:.2f}")
         console.print(sub)
     for ex in result.get("examples", [])[:3]:
-        console.print(f"[dim]{ex['prompt']}[/dim] → {ex['completions']!r}", markup=True, highlight=False)
+        shown = ", ".join(repr(c[:24]) for c in ex["completions"])
+        console.print(f"[dim]{escape(ex['prompt'])}[/dim] → {escape(shown)}", highlight=False)
     if s.get("out_json"):
         console.print(f"saved: {s['out_json']}")

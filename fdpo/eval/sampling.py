@@ -48,7 +48,7 @@ def sample_completions(
 ) -> list[list[Completion]]:
     """`num_samples` completions per prompt, sampled with `model.generate` in left-padded batches.
 
-    Pure ancestral sampling at `temperature` (top-k disabled, nucleus `top_p`). Each completion is
+    Pure ancestral sampling at `temperature` (top-k disabled, nucleus `top_p`; temperature 0 is greedy). Each completion is
     cut at its first eos token and decoded WITHOUT skipping special tokens, so a stray role marker
     inside an answer stays visible to the verifier (and makes it malformed). Seeded from `seed`;
     the global torch RNG state is restored afterwards.
@@ -56,6 +56,7 @@ def sample_completions(
     import torch
     from transformers import GenerationConfig
 
+    do_sample = do_sample and temperature > 0  # temperature 0 means greedy
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(model, tokenizer)
     gen_config = GenerationConfig(

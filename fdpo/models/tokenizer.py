@@ -4,13 +4,18 @@ Built from the synthetic tasks' text with the `tokenizers` library (no download)
 `transformers.PreTrainedTokenizerFast` so it saves and loads with `save_pretrained` /
 `AutoTokenizer.from_pretrained` like any hub tokenizer.
 
-- Model: byte-level BPE (GPT-2 style: 256-byte initial alphabet, so ANY text round-trips exactly:
-  `decode(encode(s)) == s`). Pre-tokenisation first splits every digit into its own piece
-  (`Digits(individual_digits=True)`), so numbers are always one token per digit and arithmetic is
-  learnable; merges are learned only inside words.
+- Model: byte-level BPE (256-byte initial alphabet, so any NFC-normalised text round-trips exactly:
+  `decode(encode(s)) == s`). Pre-tokenisation is Qwen2's: NFC, then a regex split that isolates
+  every digit (Unicode class `N`), so numbers are always one token per digit and arithmetic is learnable;
+  merges are learned only inside words. Why Qwen2's and not GPT-2's: transformers 5's
+  `AutoTokenizer` loads a directory whose config says `model_type: qwen2` with its own
+  `Qwen2Tokenizer`, which REBUILDS normaliser and pre-tokeniser from this fixed recipe and keeps
+  only vocab and merges; using the same recipe for both archs makes the loaded tokenizer behave
+  exactly like the trained one, whatever class `AutoTokenizer` picks.
 - Special tokens (ids 0–5): `<|pad|>` (pad), `<|bos|>` (bos), `<|end|>` (eos and end of every
   turn), `<|system|>`, `<|user|>`, `<|assistant|>`. No token is added automatically on encode;
-  the chat template writes bos and the turn markers itself.
+  the chat template writes bos and the turn markers itself. No unk token (byte-level needs none;
+  `unk_token: null` is saved so `Qwen2Tokenizer` does not add its default `<|endoftext|>`).
 - Chat template (`CHAT_TEMPLATE`): `<|bos|>` then, per message, `<|role|>content<|end|>`, and with
   `add_generation_prompt=True` a final `<|assistant|>`. So
   `render(prompt, add_generation_prompt=True)` is a token prefix of `render(prompt + completion)`,
@@ -23,6 +28,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+# Qwen2's pre-tokenisation regex (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX)
+PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|end|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS.values()]
@@ -49,14 +58,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, model_max_lengt
     Deterministic: the same texts (in the same order) give the same vocabulary and merges.
     `vocab_size` is an upper bound; training stops earlier when no pair occurs twice.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     tok.decoder = decoders.ByteLevel()
@@ -73,6 +83,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, model_max_lengt
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
+        unk_token=None,
         extra_special_tokens=list(ROLE_TOKENS.values()),
         chat_template=CHAT_TEMPLATE,
         model_max_length=model_max_length,
