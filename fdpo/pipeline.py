@@ -44,6 +44,8 @@ STAGE_KEYS = {
              "max_new_tokens", "seed", "data"},
 }
 SUMMARY_JSON = "pipeline_summary.json"
+# columns of the on-screen summary (the JSON keeps every metric)
+HEADLINE_METRICS = ("final_loss", "pass@1", "pass@4", "pass@16", "mean_reward", "distinct_correct")
 SUMMARY_PNG = "pipeline_summary.png"
 
 
@@ -249,20 +251,21 @@ def write_summary(run_dir: Path, results: list[StageResult]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    metric_names: list[str] = []
-    for r in results:
-        for key in r.metrics:
-            if key not in metric_names:
-                metric_names.append(key)
+    present = {key for r in results for key in r.metrics}
+    metric_names = [k for k in HEADLINE_METRICS if k in present]
+    metric_names += sorted(k for k in present if k.startswith("pass@") and k not in metric_names)
     table = Table(title=f"fdpo pipeline summary ({run_dir})")
     for col in ["stage", "kind", "status", "time (s)", *metric_names]:
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for r in results:
         cells = [_fmt(r.metrics.get(m)) for m in metric_names]
         table.add_row(r.name, r.kind, r.status, f"{r.wall_time_s:.1f}", *cells)
     total = sum(r.wall_time_s for r in results)
-    Console().print(table)
-    Console().print(f"total wall time: {total:.1f} s")
+    console = Console()
+    if console.width < 110:  # a pipe or a narrow terminal: keep the table legible rather than squeezed
+        console = Console(width=110)
+    console.print(table)
+    console.print(f"total wall time: {total:.1f} s")
     payload = {"total_wall_time_s": total, "stages": [r.__dict__ for r in results]}
     write_json(run_dir / SUMMARY_JSON, payload)
     _plot(run_dir / SUMMARY_PNG, results)
