@@ -37,12 +37,10 @@ def _losses(metrics_or_history) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_sft_raises_task_accuracy(tiny_model_dir, task_data_dir, tmp_path):
+def test_sft_raises_task_accuracy(tiny_model_dir, tiny_sft_dir):
     from fdpo.eval import evaluate_checkpoint
 
-    out = tmp_path / "sft"
-    recipe = load_recipe(SFT_RECIPE, _overrides(tiny_model_dir, task_data_dir, out, logging_steps=50))
-    run_training(recipe)
+    out = tiny_sft_dir  # recipes/tiny/sft.yaml trained through run_training (conftest)
     assert (out / RUN_MARKER).is_file() and (out / "config.json").is_file()
     kwargs = {"task": "sum_pairs", "ks": (1,), "num_samples": 4, "num_prompts": 32, "seed": 0}
     before = evaluate_checkpoint(str(tiny_model_dir), **kwargs)
