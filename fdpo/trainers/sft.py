@@ -1,31 +1,327 @@
-"""`FSFTTrainer`: TRL's SFTTrainer with fdpo's safety rails.
+"""`FSFTTrainer`: TRL's SFTTrainer with an optional f-divergence regulariser to a reference (f-SFT).
 
-Loss (plain SFT): mean negative log-likelihood of the completion tokens,
-L = −(1/N) Σ_t log π(y_t | x, y_<t), exactly TRL's `SFTTrainer` loss. The f-divergence regulariser
-(γ·D_f(π‖π_ref), "Implicit Reward as the Bridge", 2025) plugs in here as a loss from
-`fdpo.losses`; this class only gathers tensors and checks that every term stays finite.
+Loss (objectives.md §2; "Implicit Reward as the Bridge", 2025), over the N completion tokens of a batch:
+
+    L = (1/N) Σ_t [ −log π(y_t | x, y_<t) + γ · D_f(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) ]
+
+γ = `divergence_coef` (default 0: plain SFT, exactly TRL's loss, no reference loaded). The NLL term is TRL's
+own (`SFTTrainer.compute_loss`, fused LM head, its normalisation); the regulariser and its math live in
+`fdpo.losses.fsft_loss`. π_ref defaults to the starting checkpoint (`model_name_or_path`), loaded again
+from its path as a frozen copy (as TRL's DPOTrainer loads its reference); under LoRA it is the base model
+with the adapter disabled (no second copy). `ref_model_name_or_path` names another reference.
+
+Post-DPO SFT ("Implicit Reward as the Bridge" recommends a reduced learning rate there): start from the
+DPO checkpoint (`model_name_or_path: runs/tiny/dpo`), which is then also the reference, and set
+`lr_scale` (effective learning rate = `learning_rate` × `lr_scale`; see `FSFTConfig.lr_scale`).
+
+One policy forward. TRL 1.16's SFT loss runs the backbone once and projects the hidden states through
+its fused, chunked LM head without building the logits. fdpo captures that same forward's final hidden
+states (a forward hook on the backbone) and its per-token outputs (a hook on the model), and evaluates
+the divergence from the hidden states and both LM heads in chunks (`full_vocab_divergence_from_hidden`):
+no second policy forward, no (batch, seq, vocab) tensor. The reference runs its backbone once under
+`no_grad`. Logged: `nll`, `div/<label>` and `kl_to_start` (token mean of KL(π‖π_start); when the
+reference is the starting model it is the same reference forward, and when the divergence is reverse KL
+it is the same number).
+
+Not supported with γ > 0 (clear errors): DeepSpeed ZeRO-3 and FSDP (the LM-head weights are read outside
+the model's forward), models with logit scaling or soft-capping (the chunked projection is h·Wᵀ + b),
+TRL's deprecated `label_smoothing_factor` / `compute_loss_func` paths (their loss is not the fused one).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+import torch
 from trl import SFTConfig, SFTTrainer
 
+from fdpo.losses.fsft_loss import fsft_loss, resolve_sft_divergence
 from fdpo.trainers.guards import check_finite_terms
+
+ESTIMATORS = ("full_vocab",)
 
 
 @dataclass
 class FSFTConfig(SFTConfig):
-    """Configuration of `FSFTTrainer`: every field of `trl.SFTConfig`."""
+    """Configuration of `FSFTTrainer`: every field of `trl.SFTConfig`, plus the f-divergence regulariser."""
+
+    divergence: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "f-divergence D_f(π‖π_ref) that regularises SFT when divergence_coef > 0 (fdpo's registry, any "
+            "entry; aliases accepted, the canonical name is stored)."
+        },
+    )
+    alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "α of `divergence: alpha`, f-DPO paper convention (objectives.md): α → 0 is reverse KL, α → 1 "
+            "forward KL; TRL's `f_alpha_divergence_coef` is 1 − α."
+        },
+    )
+    divergence_params: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Other keyword parameters of the divergence (e.g. {beta: 0.3} for generalized_jsd)."},
+    )
+    divergence_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "γ: weight of the per-token mean of D_f(π‖π_ref) added to the NLL. 0 (default) is plain SFT, "
+            "exactly TRL's loss, and loads no reference model."
+        },
+    )
+    divergence_estimator: str = field(
+        default="full_vocab",
+        metadata={
+            "help": "How D_f is evaluated: `full_vocab` (exact, per position over the vocabulary, in chunks). There "
+            "is no `sampled` option: demonstration tokens are samples of neither π nor π_ref, so f(u) on them does "
+            "not estimate D_f(π‖π_ref) (see fdpo/losses/fsft_loss.py)."
+        },
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference π_ref. Default: the starting checkpoint (model_name_or_path) as a frozen copy, or "
+            "under LoRA the base model with the adapter disabled (no second copy)."
+        },
+    )
+    log_kl_to_start: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Log `kl_to_start`, the token mean of KL(π‖π_start). Default: whenever a reference is loaded "
+            "anyway (divergence_coef > 0 and the reference is the starting model). `true` with divergence_coef = 0 "
+            "loads the starting model for logging only."
+        },
+    )
+    lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Multiplies learning_rate: the effective rate is learning_rate × lr_scale (after construction "
+            "`learning_rate` holds it; the given rate is kept in `base_learning_rate`). 'Implicit Reward as the "
+            "Bridge' (2025) recommends a reduced learning rate for SFT after DPO (e.g. lr_scale: 0.1)."
+        },
+    )
+    base_learning_rate: float | None = field(
+        default=None, init=False, metadata={"help": "learning_rate as given, before lr_scale (set by fdpo)."}
+    )
+
+    def divergence_kwargs(self) -> dict[str, Any]:
+        """Keyword parameters for `fdpo.divergences.get_divergence`."""
+        params = dict(self.divergence_params or {})
+        if self.alpha is not None:
+            if "alpha" in params and params["alpha"] != self.alpha:
+                raise ValueError(f"alpha is given twice: alpha={self.alpha} and divergence_params={params}")
+            params["alpha"] = self.alpha
+        return params
+
+    def __post_init__(self):
+        if self.divergence_estimator not in ESTIMATORS:
+            raise ValueError(
+                f"FSFTConfig: divergence_estimator={self.divergence_estimator!r} is not available; valid: "
+                f"{list(ESTIMATORS)}. A sampled estimate of D_f(π‖π_ref) needs samples of π or π_ref; the "
+                "demonstrations are neither (fdpo/losses/fsft_loss.py explains)."
+            )
+        if not self.divergence_coef >= 0:
+            raise ValueError(f"FSFTConfig: divergence_coef must be ≥ 0, got {self.divergence_coef}.")
+        if not self.lr_scale > 0:
+            raise ValueError(f"FSFTConfig: lr_scale must be > 0, got {self.lr_scale}.")
+        try:
+            div = resolve_sft_divergence(self.divergence, self.divergence_kwargs())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"FSFTConfig: divergence={self.divergence!r}: {exc}") from exc
+        params = dict(div.params)
+        self.divergence = div.canonical
+        self.alpha = params.pop("alpha", None)
+        self.divergence_params = params or None
+        self.base_learning_rate = self.learning_rate
+        self.learning_rate = self.learning_rate * self.lr_scale
+        super().__post_init__()
+
+    @property
+    def divergence_label(self) -> str:
+        return resolve_sft_divergence(self.divergence, self.divergence_kwargs()).label
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return a == b
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
 
 
 class FSFTTrainer(SFTTrainer):
-    """Supervised fine-tuning; stops with the step and term named if the loss goes non-finite."""
+    """Supervised fine-tuning, optionally regularised by γ·D_f(π‖π_ref); stops with the step and term
+    named if a loss term goes non-finite."""
+
+    _tag_names: ClassVar[list[str]] = ["trl", "sft", "fdpo"]
+
+    def __init__(self, *args: Any, ref_model: Any = None, **kwargs: Any):
+        config = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if not isinstance(config, FSFTConfig):
+            raise TypeError(f"FSFTTrainer needs `args=FSFTConfig(...)`, got {type(config).__name__}.")
+        super().__init__(*args, **kwargs)
+        self.fsft_divergence = resolve_sft_divergence(config.divergence, config.divergence_kwargs())
+        self.divergence_coef = float(config.divergence_coef)
+        start = getattr(self._policy_lm().config, "_name_or_path", "") or None
+        self.ref_is_start = ref_model is None and (
+            config.ref_model_name_or_path is None or _same_path(config.ref_model_name_or_path, start)
+        )
+        log_kl = config.log_kl_to_start
+        self.log_kl_to_start = (self.divergence_coef > 0 and self.ref_is_start) if log_kl is None else bool(log_kl)
+        if self.log_kl_to_start and not self.ref_is_start:
+            raise ValueError(
+                "FSFTConfig: log_kl_to_start needs the reference to be the starting model; with "
+                f"ref_model_name_or_path={config.ref_model_name_or_path!r} the divergence to it is logged as "
+                "div/<name> instead."
+            )
+        self.uses_reference = self.divergence_coef > 0 or self.log_kl_to_start
+        self.ref_model = None
+        self._captured: dict[str, Any] | None = None
+        if not self.uses_reference:
+            return
+        self._check_supported(config)
+        if ref_model is None and not (self._is_peft() and config.ref_model_name_or_path is None):
+            ref_model = self._load_reference(config.ref_model_name_or_path or start, config)
+        if ref_model is not None:
+            ref_model.eval()
+            ref_model.requires_grad_(False)
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        lm = self._policy_lm()
+        lm.register_forward_hook(self._capture_hook("outputs"))
+        lm.base_model.register_forward_hook(self._capture_hook("hidden"))
+
+    # ----------------------------------------------------------------------------------------------
+    # set-up
+    # ----------------------------------------------------------------------------------------------
+
+    def _is_peft(self) -> bool:
+        return hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter")
+
+    def _policy_lm(self):
+        """The causal-LM module that carries TRL's fused head (the PEFT base model under LoRA)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _check_supported(self, config: FSFTConfig) -> None:
+        what = f"divergence_coef={config.divergence_coef} (or log_kl_to_start)"
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            raise ValueError(
+                f"FSFTTrainer: {what} needs TRL's fused SFT loss; unset label_smoothing_factor / compute_loss_func."
+            )
+        ds = self.accelerator.state.deepspeed_plugin
+        if self.is_fsdp_enabled or (ds is not None and ds.zero_stage == 3):
+            raise ValueError(
+                f"FSFTTrainer: {what} is not supported under FSDP or DeepSpeed ZeRO-3 yet (the LM-head weights are "
+                "read outside the model's forward). Use DDP or ZeRO-2, or LoRA."
+            )
+        text_config = self._policy_lm().config.get_text_config()
+        for key in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling"):
+            value = getattr(text_config, key, None)
+            if value not in (None, 1, 1.0):
+                raise ValueError(
+                    f"FSFTTrainer: {what} is not supported for models with `{key}` = {value} "
+                    f"({text_config.model_type}): the chunked divergence projects h·Wᵀ + b only."
+                )
+
+    def _load_reference(self, path: str | None, config: FSFTConfig):
+        if not path:
+            raise ValueError(
+                "FSFTTrainer: the reference is the starting checkpoint, but the model has no `_name_or_path` to load "
+                "it from; set `ref_model_name_or_path` or pass `ref_model=`."
+            )
+        from trl.trainer.utils import create_model_from_path
+
+        lm = self._policy_lm()
+        kwargs: dict[str, Any] = dict(config.model_init_kwargs or {})
+        kwargs.setdefault("dtype", lm.dtype)
+        kwargs.setdefault("attn_implementation", lm.config._attn_implementation)
+        kwargs["device_map"] = None
+        return create_model_from_path(path, **kwargs)
+
+    def _capture_hook(self, key: str):
+        def hook(module, args, output):
+            if self._captured is not None and key not in self._captured:  # the first (training) forward only
+                self._captured[key] = output.last_hidden_state if key == "hidden" else output
+
+        return hook
+
+    # ----------------------------------------------------------------------------------------------
+    # loss
+    # ----------------------------------------------------------------------------------------------
+
+    def _reference_hidden(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """π_ref's final hidden states (no grad) and its LM head (weight, bias)."""
+        kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "output_router_logits")}
+        kwargs["use_cache"] = False
+        with torch.no_grad():
+            if self.ref_model is None:  # LoRA: the base model with the adapter disabled
+                peft_model = self.accelerator.unwrap_model(self.model)
+                lm = self._policy_lm()
+                with peft_model.disable_adapter():
+                    hidden = lm.base_model(**kwargs).last_hidden_state
+            else:
+                lm = self.accelerator.unwrap_model(self.ref_model)
+                hidden = lm.base_model(**kwargs).last_hidden_state
+        head = lm.get_output_embeddings()
+        return hidden, head.weight, head.bias
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = result[0] if isinstance(result, tuple) else result
+        if not self.uses_reference:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = result[0] if isinstance(result, tuple) else result
+            if model.training:
+                check_finite_terms({"nll": loss}, step=self.state.global_step + 1)
+            return result
+
+        mode = "train" if self.model.training else "eval"
+        self._captured = {}
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            captured = self._captured
+        finally:
+            self._captured = None
+        nll = result[0] if isinstance(result, tuple) else result
+        fused, hidden = captured["outputs"], captured["hidden"]
+        if "shift_labels" not in inputs:
+            hidden = hidden[:, :-1]
+        mask = fused.label_mask
+        if hidden.shape[:2] != mask.shape:
+            raise ValueError(
+                f"FSFTTrainer: hidden states {tuple(hidden.shape[:2])} and labels {tuple(mask.shape)} do not align "
+                "(prompt-learning PEFT adapters are not supported with divergence_coef > 0)."
+            )
+        ref_hidden, ref_weight, ref_bias = self._reference_hidden(inputs)
+        if "shift_labels" not in inputs:
+            ref_hidden = ref_hidden[:, :-1]
+        head = self._policy_lm().get_output_embeddings()
+        scale = 1.0
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            scale = float(self.accelerator.num_processes // self.get_tp_size())
+        loss, metrics = fsft_loss(
+            nll,
+            hidden,
+            head.weight,
+            ref_hidden.to(hidden.device),
+            ref_weight,
+            mask,
+            self.fsft_divergence,
+            coef=self.divergence_coef,
+            num_items_in_batch=num_items_in_batch,
+            scale=scale,
+            lm_head_bias=head.bias,
+            ref_lm_head_bias=ref_bias,
+            token_logps=fused.log_probs,
+            log_kl_to_start=self.log_kl_to_start,
+        )
         if model.training:
-            check_finite_terms({"nll": loss}, step=self.state.global_step + 1)
-        return result
+            check_finite_terms(
+                {"nll": nll, **{k: v for k, v in metrics.items() if k.startswith("div/")}, "loss": loss},
+                step=self.state.global_step + 1,
+            )
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.reshape(1)).mean().item())
+        if isinstance(result, tuple):
+            return (loss, *result[1:])
+        return loss
