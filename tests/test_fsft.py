@@ -1,0 +1,289 @@
+"""f-regularised SFT (objectives.md §2): NLL + γ·D_f(π‖π_ref) per completion token.
+
+- the pure loss: value and gradient against float64 direct sums over the vocabulary, for every registry entry;
+- γ = 0 is exactly TRL's SFTTrainer loss and gradient on the same batch (TRL as oracle); γ > 0 with the
+  reference = the starting model is TRL's loss and gradient at step 0 too (D = 0 and ∇D = 0 at π = π_ref),
+  with one policy forward;
+- the trainer's divergence term equals a float64 direct sum on the two models' own (unfused) logits;
+- training with γ > 0 stays closer (KL) to the starting model than γ = 0 on data that pulls away.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdpo.divergences import available_divergences, get_divergence
+from fdpo.losses.fsft_loss import fsft_loss
+from fdpo.trainers.sft import FSFTConfig, FSFTTrainer
+
+COMMON = {
+    "report_to": "none",
+    "bf16": False,
+    "use_cpu": True,
+    "save_strategy": "no",
+    "logging_steps": 1,
+    "dataloader_num_workers": 0,
+    "disable_tqdm": True,
+    "max_length": 32,
+    "per_device_train_batch_size": 8,
+    "seed": 0,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 truth: D_f(p‖q) = Σ_v q f(p/q), written out per divergence
+# ------------------------------------------------------------------------------------------------
+
+
+def direct_divergence(name: str, params: dict, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Per-position D(p‖q) in float64 from log-probabilities (..., V), by the closed form of each entry."""
+    logp, logq = logp.double(), logq.double()
+    p, q = logp.exp(), logq.exp()
+    kl = lambda a, la, lb: (a * (la - lb)).sum(-1)  # noqa: E731
+    if name == "reverse_kl":
+        return kl(p, logp, logq)
+    if name == "forward_kl":
+        return kl(q, logq, logp)
+    if name in ("js", "generalized_jsd"):
+        beta = params.get("beta", 0.5)
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, logp, m.log()) + (1 - beta) * kl(q, logq, m.log())
+    if name == "alpha":
+        a = params["alpha"]
+        return ((p ** (1 - a) * q**a).sum(-1) - 1) / (a * (a - 1))
+    if name == "jeffreys":
+        return ((p - q) * (logp - logq)).sum(-1)
+    if name == "squared_hellinger":
+        return ((p.sqrt() - q.sqrt()) ** 2).sum(-1)
+    if name == "neyman_chi2":
+        return ((q - p) ** 2 / p).sum(-1)
+    if name == "pearson_chi2":
+        return ((p - q) ** 2 / q).sum(-1)
+    if name == "total_variation":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise KeyError(name)
+
+
+PARAMS = {"alpha": {"alpha": 0.3}, "generalized_jsd": {"beta": 0.2}}
+
+
+def test_every_registry_entry_has_a_direct_form():
+    for name in available_divergences():
+        direct_divergence(name, PARAMS.get(name, {}), torch.zeros(1, 3).log_softmax(-1), torch.zeros(1, 3).log_softmax(-1))
+
+
+@pytest.mark.parametrize("name", available_divergences())
+def test_pure_loss_value_and_gradient_match_float64(name):
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, V = 2, 5, 8, 11
+    hidden = torch.randn(B, T, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref_hidden = torch.randn(B, T, H, generator=gen, dtype=torch.float64)
+    ref_weight = torch.randn(V, H, generator=gen, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=gen) > 0.3
+    nll = torch.tensor(1.25, dtype=torch.float64)
+    div = get_divergence(name, **PARAMS.get(name, {}))
+    gamma, n_items = 0.7, 13
+    loss, metrics = fsft_loss(
+        nll, hidden, weight, ref_hidden, ref_weight, mask, div, coef=gamma, num_items_in_batch=n_items,
+        log_kl_to_start=True, chunk_size=3,
+    )
+    # truth: float64 direct sums, autograd through them
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logp = (h2 @ w2.T).log_softmax(-1)
+    logq = (ref_hidden @ ref_weight.T).log_softmax(-1)
+    d = direct_divergence(name, PARAMS.get(name, {}), logp, logq)
+    truth = nll + gamma * (d * mask).sum() / n_items
+    torch.testing.assert_close(loss, truth, rtol=1e-9, atol=1e-12)
+    assert metrics[f"div/{div.label}"].item() == pytest.approx((d * mask).sum().item() / mask.sum().item(), rel=1e-9)
+    kl = direct_divergence("reverse_kl", {}, logp, logq)
+    assert metrics["kl_to_start"].item() == pytest.approx((kl * mask).sum().item() / mask.sum().item(), rel=1e-9)
+    if name == "total_variation":
+        return  # |·| has no gradient at ties; values only
+    loss.backward()
+    truth.backward()
+    torch.testing.assert_close(hidden.grad, h2.grad, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(weight.grad, w2.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_config_canonical_name_lr_scale_and_no_sampled_estimator(tmp_path):
+    cfg = FSFTConfig(output_dir=str(tmp_path), divergence="alpha(0.25)", learning_rate=1e-3, lr_scale=0.1,
+                     report_to="none", bf16=False, use_cpu=True)
+    assert (cfg.divergence, cfg.alpha, cfg.divergence_params) == ("alpha", 0.25, None)
+    assert cfg.learning_rate == pytest.approx(1e-4) and cfg.base_learning_rate == pytest.approx(1e-3)
+    cfg = FSFTConfig(output_dir=str(tmp_path), divergence="jsd_beta", divergence_params={"beta": 0.3},
+                     report_to="none", bf16=False, use_cpu=True)
+    assert (cfg.divergence, cfg.divergence_params) == ("generalized_jsd", {"beta": 0.3})
+    with pytest.raises(ValueError, match="demonstrations are neither"):
+        FSFTConfig(output_dir=str(tmp_path), divergence_estimator="sampled", report_to="none", bf16=False)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        FSFTConfig(output_dir=str(tmp_path), divergence="kll", report_to="none", bf16=False)
+    with pytest.raises(ValueError, match="lr_scale"):
+        FSFTConfig(output_dir=str(tmp_path), lr_scale=0.0, report_to="none", bf16=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer on the tiny model
+# ------------------------------------------------------------------------------------------------
+
+
+def _dataset(task_data_dir: Path, n: int = 32, completion=None):
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in (Path(task_data_dir) / "sft.jsonl").read_text().splitlines()[:n]]
+    if completion is not None:
+        for row in rows:
+            row["completion"] = [{"role": "assistant", "content": completion}]
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def _batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer._prepare_inputs(batch)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _fsft(model, tok, ds, out, **cfg) -> FSFTTrainer:
+    trainer = FSFTTrainer(model=model, args=FSFTConfig(output_dir=str(out), **{**COMMON, **cfg}), train_dataset=ds,
+                          processing_class=tok)
+    trainer.model.train()  # as inside `train()`: metrics go to the "train" bucket
+    return trainer
+
+
+@pytest.mark.parametrize("num_items", [None, 57])
+def test_gamma_zero_and_gamma_at_start_equal_trl_sft(tiny_model_dir, task_data_dir, tmp_path, num_items):
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok = _load(tiny_model_dir)
+    ds = _dataset(task_data_dir)
+    trl_trainer = SFTTrainer(model=copy.deepcopy(model), args=SFTConfig(output_dir=str(tmp_path / "trl"), **COMMON),
+                             train_dataset=ds, processing_class=tok)
+    trl_trainer.model.train()
+    batch = _batch(trl_trainer)
+    n = None if num_items is None else torch.tensor(num_items)
+    trl_loss = trl_trainer.compute_loss(trl_trainer.model, dict(batch), num_items_in_batch=n)
+    trl_loss.backward()
+    trl_grads = _grads(trl_trainer.model)
+
+    plain = _fsft(copy.deepcopy(model), tok, ds, tmp_path / "g0")
+    assert plain.ref_model is None and not plain.uses_reference  # γ = 0 loads no reference
+    loss0 = plain.compute_loss(plain.model, dict(batch), num_items_in_batch=n)
+    assert torch.equal(loss0, trl_loss)
+    loss0.backward()
+    for name, g in _grads(plain.model).items():
+        assert torch.equal(g, trl_grads[name]), name
+
+    # γ > 0, reference = the starting model (reloaded from its path): at π = π_ref, D = 0 and ∇D = 0
+    reg = _fsft(copy.deepcopy(model), tok, ds, tmp_path / "g1", divergence="js", divergence_coef=2.0)
+    assert reg.ref_model is not None and reg.ref_is_start and reg.log_kl_to_start
+    calls = {"policy": 0, "ref": 0}
+    reg._policy_lm().base_model.register_forward_pre_hook(lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
+    reg.ref_model.base_model.register_forward_pre_hook(lambda *a: calls.__setitem__("ref", calls["ref"] + 1))
+    loss1 = reg.compute_loss(reg.model, dict(batch), num_items_in_batch=n)
+    assert calls == {"policy": 1, "ref": 1}  # one policy forward, one reference forward
+    torch.testing.assert_close(loss1, trl_loss, rtol=0, atol=1e-7)
+    loss1.backward()
+    for name, g in _grads(reg.model).items():
+        torch.testing.assert_close(g, trl_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert reg._metrics["train"]["div/js"][-1] == pytest.approx(0.0, abs=1e-7)
+    assert reg._metrics["train"]["kl_to_start"][-1] == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize(("divergence", "params"), [("reverse_kl", {}), ("alpha", {"alpha": 0.3}),
+                                                    ("total_variation", {})])
+def test_trainer_divergence_term_equals_float64_direct_sum(tiny_model_dir, task_data_dir, tmp_path, divergence,
+                                                           params):
+    model, tok = _load(tiny_model_dir)
+    ref, _ = _load(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():  # the policy drifts from its start; the reference is reloaded from the path
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    gamma = 0.5
+    trainer = _fsft(model, tok, _dataset(task_data_dir), tmp_path, divergence=divergence, divergence_coef=gamma,
+                    divergence_params=params or None)
+    batch = _batch(trainer)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    # truth: the models' own (unfused) logits, float64 sums over the vocabulary
+    with torch.no_grad():
+        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logp = model(**kw).logits[:, :-1].double().log_softmax(-1)
+        logq = ref(**kw).logits[:, :-1].double().log_softmax(-1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    d = direct_divergence(divergence, params, logp, logq)[mask]
+    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
+    label = get_divergence(divergence, **params).label
+    assert metrics[f"div/{label}"] == pytest.approx(d.mean().item(), rel=1e-4)
+    assert metrics["nll"] == pytest.approx(nll.mean().item(), rel=1e-5)
+    assert metrics["kl_to_start"] == pytest.approx(direct_divergence("reverse_kl", {}, logp, logq)[mask].mean().item(),
+                                                   rel=1e-4)
+    assert loss.item() == pytest.approx((nll + gamma * d).mean().item(), rel=1e-5)
+    assert d.mean().item() > 1e-3  # the check is not vacuous
+
+
+def _kl_to(model_dir, start_dir, ds_rows, tok) -> float:
+    """Token mean of KL(π‖π_start) in float64 over the completions of `ds_rows` (independent of fdpo)."""
+    pol, _ = _load(model_dir)
+    start, _ = _load(start_dir)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in ds_rows:
+            prompt = tok.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
+            full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
+            ids = torch.tensor([full])
+            logp = pol(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
+            logq = start(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
+            kl = direct_divergence("reverse_kl", {}, logp, logq)
+            total, count = total + kl.sum().item(), count + kl.numel()
+    return total / count
+
+
+@pytest.mark.slow
+def test_gamma_keeps_the_policy_closer_to_the_start(tiny_sft_dir, task_data_dir, tmp_path):
+    """Fine-tune the SFT model on data that pulls away (every answer '1+1'): KL to the start after N steps
+    is smaller with γ > 0 than with γ = 0, same data, seed and steps."""
+    _, tok = _load(tiny_sft_dir)
+    pull = _dataset(task_data_dir, n=128, completion="1+1")
+    kls = {}
+    for gamma in (0.0, 1.0):
+        model, _ = _load(tiny_sft_dir)
+        out = tmp_path / f"gamma{gamma}"
+        trainer = _fsft(model, tok, pull, out, divergence="reverse_kl", divergence_coef=gamma, max_steps=12,
+                        learning_rate=3e-3, warmup_steps=0, per_device_train_batch_size=16)
+        trainer.train()
+        trainer.save_model(str(out))
+        rows = [json.loads(x) for x in (Path(task_data_dir) / "eval.jsonl").read_text().splitlines()[:24]]
+        rows = [{"prompt": r["prompt"], "completion": r.get("completion") or [{"role": "assistant", "content": "1+1"}]}
+                for r in rows]
+        kls[gamma] = _kl_to(out, tiny_sft_dir, rows, tok)
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        assert all(math.isfinite(h["loss"]) for h in logs)
+        if gamma > 0:
+            assert "kl_to_start" in logs[-1] and "div/reverse_kl" in logs[-1]
+    assert kls[0.0] > 0.05, kls  # the data does pull away
+    assert kls[1.0] < 0.6 * kls[0.0], kls
