@@ -57,6 +57,14 @@ TRAINERS: dict[str, TrainerSpec] = {
         column_sets=(("prompt", "chosen", "rejected"),),
         text_columns=("prompt", "chosen", "rejected"),
     ),
+    "distill": TrainerSpec(
+        name="distill",
+        module="fdpo.trainers.distill",
+        trainer_name="FDistillTrainer",
+        config_name="FDistillConfig",
+        column_sets=(("messages",), ("prompt", "completion")),
+        text_columns=("prompt", "completion", "messages"),
+    ),
 }
 
 
