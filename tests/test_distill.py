@@ -1,0 +1,193 @@
+"""Distillation (objectives.md §9): student π_θ in the π slot, teacher p in the π_ref slot.
+
+- the pure loss equals float64 direct sums (value and gradient) for every registry divergence and BD-KD;
+- TRL's GKD `generalized_jsd_loss` is the oracle for generalized_jsd (TRL beta = 1 − β), forward and reverse KL;
+- λ = 1 trains on student samples (the batch the loss sees is what the student generated), λ = 0 on the data;
+- end to end: the student moves toward the SFT teacher (KL(teacher‖student) on held-out data decreases).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_fsft import PARAMS, direct_divergence
+
+from fdpo.divergences import available_divergences, get_divergence
+from fdpo.losses.distill import distill_loss, resolve_distill_objective
+from fdpo.recipe import load_recipe
+from fdpo.trainers.distill import FDistillConfig, FDistillTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = {
+    "report_to": "none", "bf16": False, "use_cpu": True, "save_strategy": "no", "logging_steps": 1,
+    "dataloader_num_workers": 0, "disable_tqdm": True, "max_length": 32, "per_device_train_batch_size": 4,
+    "seed": 0, "max_new_tokens": 4,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _logits(seed=0, shape=(2, 6, 13)):
+    gen = torch.Generator().manual_seed(seed)
+    s = (2 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    t = 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    mask = torch.rand(shape[:-1], generator=gen) > 0.3
+    return s, t, mask
+
+
+def _direct_bdkd(logp, logq):
+    h_s = -(logp.exp() * logp).sum(-1)
+    h_t = -(logq.exp() * logq).sum(-1)
+    w = (h_s / (h_s + h_t)).detach()
+    return (1 - w) * direct_divergence("forward_kl", {}, logp, logq) + w * direct_divergence("reverse_kl", {}, logp, logq)
+
+
+@pytest.mark.parametrize("name", [*available_divergences(), "bdkd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_loss_equals_float64_direct_sum(name, temperature):
+    s, t, mask = _logits()
+    params = PARAMS.get(name, {})
+    obj = resolve_distill_objective(name, params)
+    loss, metrics = distill_loss(s, t, mask, obj, temperature=temperature, chunk_size=4)
+    s2 = s.detach().clone().requires_grad_()
+    logp, logq = (s2 / temperature).log_softmax(-1), (t / temperature).log_softmax(-1)
+    d = _direct_bdkd(logp, logq) if name == "bdkd" else direct_divergence(name, params, logp, logq)
+    truth = (d * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, truth, rtol=1e-9, atol=1e-12)
+    assert metrics[f"div/{obj.label}"].item() == pytest.approx(truth.item(), rel=1e-9)
+    if name == "total_variation":
+        return
+    loss.backward()
+    truth.backward()
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_bdkd_weights_follow_the_entropy_gap():
+    s, t, mask = _logits(seed=3)
+    sharp_teacher = 8 * t  # a confident teacher: the student is the less confident one → mostly reverse KL
+    _, m = distill_loss(s.detach(), sharp_teacher, mask, "bdkd")
+    assert m["bdkd/w_reverse"] > 0.5 and m["entropy/student"] > m["entropy/teacher"]
+    _, m = distill_loss(8 * s.detach(), t, mask, "bdkd")  # an over-confident student → mostly forward KL
+    assert m["bdkd/w_reverse"] < 0.5
+
+
+@pytest.mark.parametrize("trl_beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_generalized_jsd_matches_trl_gkd(trl_beta):
+    from trl.experimental.gkd import GKDTrainer
+
+    s, t, mask = _logits(seed=1)
+    labels = torch.where(mask, 1, -100)
+    trl = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=trl_beta)
+    name = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(trl_beta, f"generalized_jsd({1 - trl_beta})")
+    ours, _ = distill_loss(s, t, mask, get_divergence(name))
+    torch.testing.assert_close(ours, trl, rtol=1e-9, atol=1e-12)
+
+
+def test_config_divergence_and_trl_beta(tmp_path):
+    kw = {"output_dir": str(tmp_path), "report_to": "none", "bf16": False, "use_cpu": True}
+    assert FDistillConfig(**kw).divergence == "forward_kl"
+    cfg = FDistillConfig(**kw, divergence="gjsd", divergence_params={"beta": 0.2})
+    assert (cfg.divergence, cfg.divergence_params) == ("generalized_jsd", {"beta": 0.2})
+    assert FDistillConfig(**kw, divergence="bd-kd").divergence == "bdkd"
+    assert FDistillConfig(**kw, divergence="tv").divergence == "total_variation"
+    with pytest.raises(ValueError, match="generalized_jsd"):
+        FDistillConfig(**kw, beta=0.3)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        FDistillConfig(**kw, divergence="forwardkl_")
+
+
+def _sft_rows(task_data_dir, n):
+    return [json.loads(x) for x in (Path(task_data_dir) / "sft.jsonl").read_text().splitlines()[:n]]
+
+
+@pytest.mark.parametrize("lmbda", [1.0, 0.0])
+def test_lambda_one_trains_on_student_samples(tiny_model_dir, task_data_dir, tmp_path, lmbda):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    generated: list[torch.Tensor] = []
+    original_generate = student.generate
+
+    def counting_generate(*args, **kwargs):
+        out = original_generate(*args, **kwargs)
+        generated.append(out.sequences.clone())
+        return out
+
+    student.generate = counting_generate
+    steps = 2
+    trainer = FDistillTrainer(
+        model=student, teacher_model=str(tiny_model_dir), processing_class=tok,
+        args=FDistillConfig(output_dir=str(tmp_path), lmbda=lmbda, max_steps=steps, **COMMON),
+        train_dataset=Dataset.from_list(_sft_rows(task_data_dir, 16)),
+    )
+    seen: list[torch.Tensor] = []
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        seen.append(inputs["input_ids"].clone())
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == steps and all(math.isfinite(h["loss"]) for h in logs)
+    assert [h["on_policy"] for h in logs] == [lmbda] * steps
+    if lmbda == 1.0:
+        assert len(generated) == steps  # one student generation per step
+        for batch, sample in zip(seen, generated):
+            assert torch.equal(batch, sample)  # the loss saw exactly the student's samples
+    else:
+        assert generated == []
+
+
+def _kl_teacher_student(student_dir, teacher_dir, rows, tok) -> float:
+    """Token mean of KL(teacher ‖ student) over the completions of `rows`, float64 (independent of fdpo)."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            prompt = tok.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
+            full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
+            ids = torch.tensor([full])
+            logp = student(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
+            logq = teacher(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
+            kl = direct_divergence("forward_kl", {}, logp, logq)
+            total, count = total + kl.sum().item(), count + kl.numel()
+    return total / count
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("divergence", ["forward_kl", "bdkd"])
+def test_student_moves_toward_the_teacher(tiny_model_dir, tiny_sft_dir, task_data_dir, tmp_path, divergence):
+    from transformers import AutoTokenizer
+
+    from fdpo.train import run_training
+
+    out = tmp_path / "student"
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "distill_forward_kl.yaml", {
+        "model_name_or_path": str(tiny_model_dir), "teacher_model_name_or_path": str(tiny_sft_dir),
+        "dataset_name": str(Path(task_data_dir) / "sft.jsonl"), "output_dir": str(out), "divergence": divergence,
+        "max_steps": 15, "per_device_train_batch_size": 16, "save_strategy": "no", "logging_steps": 5,
+    })
+    metrics = run_training(recipe)
+    assert metrics["global_step"] == 15
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [json.loads(x) for x in (Path(task_data_dir) / "sft.jsonl").read_text().splitlines()[-24:]]
+    before = _kl_teacher_student(tiny_model_dir, tiny_sft_dir, rows, tok)
+    after = _kl_teacher_student(out, tiny_sft_dir, rows, tok)
+    assert after < 0.7 * before, (before, after)
