@@ -269,21 +269,21 @@ def test_gamma_keeps_the_policy_closer_to_the_start(tiny_sft_dir, task_data_dir,
     is smaller with γ > 0 than with γ = 0, same data, seed and steps."""
     _, tok = _load(tiny_sft_dir)
     pull = _dataset(task_data_dir, n=128, completion="1+1")
+    # held-out prompts with valid answers (the chosen side of the held-out preference pairs)
+    rows = [json.loads(x) for x in (Path(task_data_dir) / "preference_eval.jsonl").read_text().splitlines()[:24]]
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
     kls = {}
-    for gamma in (0.0, 1.0):
+    for gamma in (0.0, 4.0):
         model, _ = _load(tiny_sft_dir)
         out = tmp_path / f"gamma{gamma}"
         trainer = _fsft(model, tok, pull, out, divergence="reverse_kl", divergence_coef=gamma, max_steps=12,
-                        learning_rate=3e-3, warmup_steps=0, per_device_train_batch_size=16)
+                        learning_rate=1e-3, warmup_steps=0, per_device_train_batch_size=16)
         trainer.train()
         trainer.save_model(str(out))
-        rows = [json.loads(x) for x in (Path(task_data_dir) / "eval.jsonl").read_text().splitlines()[:24]]
-        rows = [{"prompt": r["prompt"], "completion": r.get("completion") or [{"role": "assistant", "content": "1+1"}]}
-                for r in rows]
         kls[gamma] = _kl_to(out, tiny_sft_dir, rows, tok)
         logs = [h for h in trainer.state.log_history if "loss" in h]
         assert all(math.isfinite(h["loss"]) for h in logs)
         if gamma > 0:
             assert "kl_to_start" in logs[-1] and "div/reverse_kl" in logs[-1]
-    assert kls[0.0] > 0.05, kls  # the data does pull away
-    assert kls[1.0] < 0.6 * kls[0.0], kls
+    assert kls[0.0] > 0.3, kls  # the data does pull away (seen: 1.5)
+    assert kls[4.0] < 0.5 * kls[0.0], kls  # seen: 0.17
