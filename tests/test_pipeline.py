@@ -73,3 +73,59 @@ def test_skip_and_from(tmp_path):
     assert [r.status for r in third] == ["skipped", "skipped", "ran"]
     with pytest.raises(RecipeError, match="no such stage"):
         run_pipeline(pipe, from_stage="sfft")
+
+
+def test_killed_train_stage_resumes_to_the_same_final_metrics(tmp_path):
+    """A train stage stopped after its step-3 checkpoint resumes on the next run and ends with the metrics
+    of the uninterrupted run (same losses at every later step, same final loss)."""
+    import json
+    import shutil
+
+    from fdpo.trainers.checkpoints import RUN_MARKER, checkpoint_dirs
+
+    run_dir = tmp_path / "run"
+    pipe = _write(
+        tmp_path,
+        {
+            "run_dir": str(run_dir),
+            "stages": [
+                {"name": "model", "kind": "tiny", "seed": 0},
+                {"name": "data", "kind": "data", "task": "sum_pairs"},
+                {
+                    "name": "sft",
+                    "kind": "train",
+                    "recipe": str(REPO / "recipes" / "tiny" / "sft.yaml"),
+                    "overrides": {
+                        "model_name_or_path": {"from_stage": "model"},
+                        "dataset_name": {"from_stage": "data", "file": "sft.jsonl"},
+                        "max_steps": 6,
+                        "per_device_train_batch_size": 4,
+                        "warmup_steps": 0,
+                        "logging_steps": 1,
+                        "save_strategy": "steps",
+                        "save_steps": 3,
+                    },
+                },
+            ],
+        },
+    )
+    uninterrupted = run_pipeline(pipe)[-1]
+    out = run_dir / "sft"
+    full_losses = {h["step"]: h["loss"] for h in json.loads((out / RUN_MARKER).read_text())["log_history"] if "loss" in h}
+    # the kill: after the step-3 checkpoint, before step 6 and the final save
+    for ckpt in checkpoint_dirs(out):
+        if ckpt.name != "checkpoint-3":
+            shutil.rmtree(ckpt)
+    (out / RUN_MARKER).unlink()
+    (out / "model.safetensors").unlink()
+    second = run_pipeline(pipe)
+    assert [r.status for r in second] == ["skipped", "skipped", "resumed"]
+    resumed = second[-1]
+    info = json.loads((out / RUN_MARKER).read_text())
+    assert info["resumed_from"].endswith("checkpoint-3")
+    assert resumed.metrics["steps"] == uninterrupted.metrics["steps"] == 6
+    assert resumed.metrics["final_loss"] == pytest.approx(uninterrupted.metrics["final_loss"], rel=1e-5)
+    losses = {h["step"]: h["loss"] for h in info["log_history"] if "loss" in h}
+    for step in (4, 5, 6):
+        assert losses[step] == pytest.approx(full_losses[step], rel=1e-5, abs=1e-6)
+    assert (out / "model.safetensors").is_file()
