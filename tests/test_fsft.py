@@ -287,3 +287,35 @@ def test_gamma_keeps_the_policy_closer_to_the_start(tiny_sft_dir, task_data_dir,
             assert "kl_to_start" in logs[-1] and "div/reverse_kl" in logs[-1]
     assert kls[0.0] > 0.3, kls  # the data does pull away (seen: 1.5)
     assert kls[4.0] < 0.5 * kls[0.0], kls  # seen: 0.17
+
+
+def test_lora_reference_is_the_base_with_the_adapter_disabled(tiny_model_dir, task_data_dir, tmp_path):
+    """Under LoRA no reference copy is loaded; the divergence is to the base model (adapter off), with
+    gradient checkpointing on."""
+    from peft import LoraConfig
+
+    model, tok = _load(tiny_model_dir)
+    trainer = FSFTTrainer(
+        model=model, processing_class=tok, train_dataset=_dataset(task_data_dir),
+        args=FSFTConfig(output_dir=str(tmp_path), divergence="forward_kl", divergence_coef=0.5, max_steps=3,
+                        learning_rate=5e-2, gradient_checkpointing=True, **COMMON),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    assert trainer.ref_model is None and trainer.log_kl_to_start
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[0]["div/forward_kl"] == pytest.approx(0.0, abs=1e-7)  # LoRA starts as the identity
+    assert logs[-1]["div/forward_kl"] > 1e-5 and logs[-1]["kl_to_start"] > 1e-5
+    # the regulariser at the trained adapter equals a float64 direct sum against the adapter-disabled base
+    trainer.model.train()
+    batch = _batch(trainer)
+    trainer.compute_loss(trainer.model, dict(batch))
+    value = trainer._metrics["train"]["div/forward_kl"][-1]
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        logp = trainer.model(**kw).logits[:, :-1].double().log_softmax(-1)
+        with trainer.model.disable_adapter():
+            logq = trainer.model(**kw).logits[:, :-1].double().log_softmax(-1)
+    mask = batch["labels"][:, 1:] != -100
+    truth = direct_divergence("forward_kl", {}, logp, logq)[mask].mean().item()
+    assert truth > 1e-5 and value == pytest.approx(truth, rel=1e-4)
