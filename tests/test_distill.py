@@ -191,3 +191,37 @@ def test_student_moves_toward_the_teacher(tiny_model_dir, tiny_sft_dir, task_dat
     before = _kl_teacher_student(tiny_model_dir, tiny_sft_dir, rows, tok)
     after = _kl_teacher_student(out, tiny_sft_dir, rows, tok)
     assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize(("divergence", "params"), [("forward_kl", {}), ("generalized_jsd", {"beta": 0.2}),
+                                                    ("bdkd", {})])
+def test_trainer_loss_equals_direct_sum_on_full_logits(tiny_model_dir, task_data_dir, tmp_path, divergence, params):
+    """The trainer's loss (positions from the first completion token on) is the token mean of the divergence
+    computed in float64 from the two models' full logits."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trainer = FDistillTrainer(
+        model=student, teacher_model=teacher, processing_class=tok,
+        args=FDistillConfig(output_dir=str(tmp_path), lmbda=0.0, divergence=divergence,
+                            divergence_params=params or None, **{**COMMON, "per_device_train_batch_size": 8}),
+        train_dataset=Dataset.from_list(_sft_rows(task_data_dir, 16)),
+    )
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(trainer.model, batch)
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        logp = student(**kw).logits[:, :-1].double().log_softmax(-1)
+        logq = teacher(**kw).logits[:, :-1].double().log_softmax(-1)
+    mask = batch["labels"][:, 1:] != -100
+    d = _direct_bdkd(logp, logq) if divergence == "bdkd" else direct_divergence(divergence, params, logp, logq)
+    truth = d[mask].mean().item()
+    assert truth > 1e-3 and loss.item() == pytest.approx(truth, rel=1e-5)

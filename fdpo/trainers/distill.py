@@ -13,8 +13,8 @@ in TRL 1.16, so its API may change). fdpo subclasses GKDTrainer and keeps its ma
 collator, the teacher loading/preparation (DeepSpeed or `accelerator.prepare_model`), and
 `training_step`, which with probability `lmbda` replaces the batch by completions sampled from the student
 (`temperature`, `max_new_tokens`) and otherwise, with `seq_kd`, by teacher samples. fdpo replaces the loss
-(`compute_loss`: one student forward, one teacher forward under no_grad, the divergence from
-`fdpo.losses.distill`) and records whether each batch was sampled from the student (`on_policy`).
+(`compute_loss`: one student forward, one teacher forward under no_grad, both projecting only the positions
+from the batch's first completion token on (`logits_to_keep`), the divergence from `fdpo.losses.distill`) and records whether each batch was sampled from the student (`on_policy`).
 
 Differences from TRL's GKD, on purpose: TRL's `beta` is replaced by `divergence` (β of generalized_jsd =
 1 − TRL beta; TRL's `beta` must stay at its default); `distill_temperature` is the temperature of the loss
@@ -147,15 +147,19 @@ class FDistillTrainer(GKDTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        student_outputs = model(**model_inputs, use_cache=False)
+        mask = inputs["labels"][:, 1:] != -100
+        # logits only from the first position that predicts a completion token on (the prompt's are never used)
+        cols = mask.any(dim=0).nonzero()
+        first = int(cols[0]) if cols.numel() else 0
+        keep = mask.shape[1] + 1 - first
+        student_outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
         self.teacher_model.eval()
         with torch.no_grad():
-            teacher_logits = self.teacher_model(**model_inputs, use_cache=False).logits
-        mask = inputs["labels"][:, 1:] != -100
+            teacher_logits = self.teacher_model(**model_inputs, use_cache=False, logits_to_keep=keep).logits
         loss, metrics = distill_loss(
             student_outputs.logits[:, :-1],
             teacher_logits[:, :-1],
-            mask,
+            mask[:, first:],
             self.objective,
             temperature=self.args.distill_temperature,
         )
