@@ -225,3 +225,15 @@ def test_trainer_loss_equals_direct_sum_on_full_logits(tiny_model_dir, task_data
     d = _direct_bdkd(logp, logq) if divergence == "bdkd" else direct_divergence(divergence, params, logp, logq)
     truth = d[mask].mean().item()
     assert truth > 1e-3 and loss.item() == pytest.approx(truth, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes" / "tiny").glob("distill_*.yaml")))
+def test_distill_recipes_validate(name):
+    from fdpo.recipe import RecipeError
+
+    recipe = load_recipe(REPO / "recipes" / "tiny" / name)
+    args = recipe.training_args
+    assert isinstance(args, FDistillConfig) and args.teacher_model_name_or_path == "runs/tiny/sft"
+    resolve_distill_objective(args.divergence, args.divergence_kwargs())
+    with pytest.raises(RecipeError, match="'lmbda'"):
+        load_recipe(REPO / "recipes" / "tiny" / name, {"lambda": 0.5})
