@@ -58,6 +58,13 @@ class FDistillConfig(GKDConfig):
     divergence_params: dict[str, Any] | None = field(
         default=None, metadata={"help": "Other keyword parameters of the divergence (e.g. {beta: 0.5})."}
     )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher (a local directory or hub name) with the student's vocabulary; required (e.g. the "
+            "SFT model trained longer: runs/tiny/sft)."
+        },
+    )
     distill_temperature: float = field(
         default=1.0,
         metadata={"help": "Temperature T of the loss: both distributions are softmax(logits / T) (no T² factor)."},
