@@ -319,3 +319,13 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled(tiny_model_dir, ta
     mask = batch["labels"][:, 1:] != -100
     truth = direct_divergence("forward_kl", {}, logp, logq)[mask].mean().item()
     assert truth > 1e-5 and value == pytest.approx(truth, rel=1e-4)
+
+
+def test_pure_loss_with_zero_coef_logs_without_a_gradient_path():
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 4, 6, generator=gen, requires_grad=True)
+    weight = torch.randn(9, 6, generator=gen, requires_grad=True)
+    nll = (hidden.sum() * 0 + 0.5)
+    loss, metrics = fsft_loss(nll, hidden, weight, torch.randn(1, 4, 6, generator=gen), torch.randn(9, 6, generator=gen),
+                              torch.ones(1, 4, dtype=torch.bool), "js", coef=0.0, log_kl_to_start=True)
+    assert loss is nll and metrics["div/js"] > 0 and metrics["kl_to_start"] > 0

@@ -97,20 +97,22 @@ def fsft_loss(
     norm = token_normaliser(mask, num_items_in_batch)
     ref_hidden, ref_lm_head_weight = ref_hidden.detach(), ref_lm_head_weight.detach()
     ref_bias = None if ref_lm_head_bias is None else ref_lm_head_bias.detach()
-    # Σ_t D_t (masked positions contribute nothing); reduction="sum" computes the gradient in the same pass
-    div_sum = full_vocab_divergence_from_hidden(
-        hidden,
-        lm_head_weight,
-        ref_hidden,
-        ref_lm_head_weight,
-        div,
-        mask,
-        lm_head_bias=lm_head_bias,
-        ref_lm_head_bias=ref_bias,
-        chunk_size=chunk_size,
-        reduction="sum",
-    )
-    loss = nll + (coef * scale) * div_sum / norm
+    # Σ_t D_t (masked positions contribute nothing); reduction="sum" computes the gradient in the same pass;
+    # with γ = 0 (logging only) no gradient is computed
+    with torch.set_grad_enabled(torch.is_grad_enabled() and coef > 0):
+        div_sum = full_vocab_divergence_from_hidden(
+            hidden if coef > 0 else hidden.detach(),
+            lm_head_weight if coef > 0 else lm_head_weight.detach(),
+            ref_hidden,
+            ref_lm_head_weight,
+            div,
+            mask,
+            lm_head_bias=lm_head_bias if coef > 0 or lm_head_bias is None else lm_head_bias.detach(),
+            ref_lm_head_bias=ref_bias,
+            chunk_size=chunk_size,
+            reduction="sum",
+        )
+    loss = nll if coef == 0 else nll + (coef * scale) * div_sum / norm
     metrics: dict[str, Tensor] = {f"div/{div.label}": div_sum.detach() / n_local}
     if token_logps is not None:
         metrics["nll"] = -(token_logps.detach().float() * mask).sum() / n_local
