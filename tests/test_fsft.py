@@ -329,3 +329,39 @@ def test_pure_loss_with_zero_coef_logs_without_a_gradient_path():
     loss, metrics = fsft_loss(nll, hidden, weight, torch.randn(1, 4, 6, generator=gen), torch.randn(9, 6, generator=gen),
                               torch.ones(1, 4, dtype=torch.bool), "js", coef=0.0, log_kl_to_start=True)
     assert loss is nll and metrics["div/js"] > 0 and metrics["kl_to_start"] > 0
+
+
+@pytest.mark.slow
+def test_two_process_cpu_matches_one_process_with_the_regulariser(tiny_model_dir, task_data_dir, tmp_path):
+    """accelerate launch, 2 processes (gloo): the regularised loss (NLL + γ·D, TRL's token normalisation and
+    world-size scaling) equals the one-process loss at every step."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(Path(task_data_dir) / "sft.jsonl"),
+            "--max_steps", "3", "--warmup_steps", "0", "--logging_steps", "1", "--save_strategy", "no",
+            "--divergence", "js", "--divergence_coef", "1.0", "--learning_rate", "1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    runs = {
+        1: [sys.executable, "-m", "fdpo", "train", str(repo / "recipes" / "tiny" / "sft.yaml"), *args,
+            "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "8"],
+        2: [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(repo / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "29561",
+            "-m", "fdpo", "train", str(repo / "recipes" / "tiny" / "sft.yaml"), *args,
+            "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "4"],
+    }
+    losses = {}
+    for world, cmd in runs.items():
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out = tmp_path / ("one" if world == 1 else "two")
+        info = json.loads((out / "fdpo_run_complete.json").read_text())
+        assert info["world_size"] == world
+        losses[world] = {h["step"]: h["loss"] for h in info["log_history"] if "loss" in h}
+        logged = [h for h in info["log_history"] if "loss" in h]
+        assert logged[0]["div/js"] == pytest.approx(0.0, abs=1e-7) and logged[-1]["div/js"] > 0  # not vacuous
+    assert sorted(losses[1]) == sorted(losses[2]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert losses[2][step] == pytest.approx(losses[1][step], rel=1e-4), losses
