@@ -559,7 +559,7 @@ def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dic
             "rows": len(rows),
         },
         "generation": settings.generation_manifest(),
-        "reward_funcs": settings.reward_funcs,
+        "reward_funcs": [f if isinstance(f, str) else getattr(f, "__name__", repr(f)) for f in settings.reward_funcs],
         "reward_weights": settings.reward_weights,
         "presample_correct_reward": settings.correct_reward,
         "pef_threshold": settings.pef_threshold,
