@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -67,9 +68,10 @@ def store(tiny_sft_dir: Path, task_data_dir: Path, tmp_path_factory: pytest.Temp
         f"reward_funcs: [sum_pairs]\ntemperature: {TEMPERATURE}\nmax_completion_length: 10\n"
         "num_generations: 4\nper_device_train_batch_size: 4\npresample_batch_size: 20\nseed: 3\n"
     )
-    with pytest.warns(UserWarning, match="not registered"):
+    with warnings.catch_warnings():  # "trainer 'grpo' is not registered" until FGRPOTrainer is merged
+        warnings.simplefilter("ignore", UserWarning)
         assert main(["presample", str(recipe), "--presample_n", str(N)]) == 0
-    settings = resolve_presample_settings(recipe, {"presample_n": N, "presample_dir": str(tmp / "spy")})
+        settings = resolve_presample_settings(recipe, {"presample_n": N, "presample_dir": str(tmp / "spy")})
     spy = SpyReward()
     presample(dataclasses.replace(settings, reward_funcs=[spy]))
     return settings, tmp / "run" / "dph", tmp / "spy", spy, rows
@@ -330,7 +332,8 @@ def test_recipe_errors_name_the_key(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("trainer: grpo\nmodel_name_or_path: m\ndataset_name: d.jsonl\noutput_dir: o\n"
                       "reward_funcs: [sum_pairs]\nnum_generations: 2\nper_device_train_batch_size: 2\n")
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         with pytest.raises(RecipeError, match="pef_threshold"):
             resolve_presample_settings(recipe, {"pef_threshold": 1.5})
         with pytest.raises(RecipeError, match="presample_nn"):
