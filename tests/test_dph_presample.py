@@ -343,3 +343,38 @@ def test_recipe_errors_name_the_key(tmp_path):
         s = resolve_presample_settings(recipe, {"temperature": 0.5, "top_p": 0.9})
     assert (s.temperature, s.top_p, s.n, s.pef_threshold, s.max_completion_length) == (0.5, 0.9, 8, 1.0, 512)
     assert s.out_dir == str(Path("o") / "dph")
+
+
+def test_config_mixin_and_wiring_helpers(store, tiny_sft_dir, tmp_path):
+    """DPHArguments mixes into a GRPOConfig; the helpers find the store, build a checked buffer and
+    checkpoint its position."""
+    from trl import GRPOConfig
+
+    from fdpo.data.dph_args import DPHArguments
+    from fdpo.data.rehearsal import build_rehearsal_buffer, d_exp_path
+    from fdpo.recipe import RecipeError
+
+    _, out, *_ = store
+
+    @dataclasses.dataclass
+    class Config(GRPOConfig, DPHArguments):
+        pass
+
+    args = Config(output_dir=str(out.parent), temperature=TEMPERATURE, rehearsal_coef=0.1, rehearsal_batch_size=3,
+                  seed=3, num_generations=2, per_device_train_batch_size=2, report_to="none", bf16=False)
+    assert d_exp_path(args) == out / "d_exp.jsonl" and d_exp_path(args).is_file()
+    tok = _tok(tiny_sft_dir)
+    buf = build_rehearsal_buffer(args, tok)
+    first = buf.next_batch()
+    assert first.input_ids.shape[0] == 3 and first.ref_logps.shape == first.completion_mask.shape
+    buf.save_state(tmp_path)
+    second = buf.next_batch()
+    again = build_rehearsal_buffer(args, tok)
+    assert again.load_state(tmp_path) and torch.equal(again.next_batch().indices, second.indices)
+    assert not build_rehearsal_buffer(args, tok).load_state(tmp_path / "none")
+    args.temperature = 1.0
+    with pytest.raises(RehearsalMismatchError, match="temperature"):
+        build_rehearsal_buffer(args, tok)
+    args.temperature, args.rehearsal_coef = TEMPERATURE, -1.0
+    with pytest.raises(RecipeError, match="rehearsal_coef"):
+        build_rehearsal_buffer(args, tok)

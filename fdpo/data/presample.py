@@ -34,12 +34,13 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fdpo.data.dph_args import PresampleArguments
 from fdpo.data.rehearsal import (
     D_EXP,
     D_PEF,
@@ -51,43 +52,6 @@ from fdpo.data.rehearsal import (
 from fdpo.recipe.validate import RecipeError
 
 logger = logging.getLogger("fdpo")
-
-
-@dataclass
-class PresampleArguments:
-    """Recipe keys of `fdpo presample` (a trainer config that defines a key of its own wins)."""
-
-    presample_n: int = field(
-        default=8, metadata={"help": "DPH-RL: completions sampled per training prompt before RL (paper: 8)."}
-    )
-    pef_threshold: float = field(
-        default=1.0,
-        metadata={
-            "help": "DPH-RL: a prompt joins D_pef (rehearsed, not trained on with RL) when at least this "
-            "fraction of its presample_n completions is correct; 1.0 = solved every time (the paper)."
-        },
-    )
-    presample_correct_reward: float = field(
-        default=1.0,
-        metadata={"help": "DPH-RL: a completion is correct when its weighted total reward is ≥ this value."},
-    )
-    presample_batch_size: int = field(
-        default=64, metadata={"help": "DPH-RL: sequences per generate call and per log π_ref forward."}
-    )
-    presample_seed: int | None = field(
-        default=None, metadata={"help": "DPH-RL: sampling seed for `fdpo presample` (default: the recipe's seed)."}
-    )
-    presample_dir: str | None = field(
-        default=None,
-        metadata={"help": "DPH-RL: where `fdpo presample` writes the rehearsal store (default: <output_dir>/dph)."},
-    )
-    reward_funcs: list[str] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Reward functions (names from fdpo.rewards or dotted paths to user functions), as "
-            "TRL's GRPO script takes them."
-        },
-    )
 
 
 @dataclass
