@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from fdpo.data.dph_args import PresampleArguments
+from fdpo.data.dph_args import DPHArguments
 from fdpo.data.rehearsal import (
     D_EXP,
     D_PEF,
@@ -126,7 +126,8 @@ def resolve_presample_settings(path: str | Path, overrides: dict[str, Any] | Non
     """Read and validate a training recipe for presampling.
 
     Every key is checked as `fdpo train` checks it (unknown keys and wrong types are errors naming
-    the key and the file), against the recipe's trainer config plus :class:`PresampleArguments`.
+    the key and the file), against the recipe's trainer config plus the DPH-RL keys
+    (:class:`fdpo.data.dph_args.DPHArguments`; a key the trainer config defines itself wins).
     A ``trainer`` not registered in fdpo (e.g. ``grpo`` before FGRPOTrainer exists) is checked
     against TRL's ``GRPOConfig``, with a warning.
     """
@@ -155,7 +156,7 @@ def resolve_presample_settings(path: str | Path, overrides: dict[str, Any] | Non
         raw = {k: v for k, v in raw.items() if k != "trainer"}
         config_cls = GRPOConfig
     recipe_kw, model_kw, train_kw, pre_kw = validate_keys(
-        raw, [RecipeArguments, ModelConfig, config_cls, PresampleArguments], where=where
+        raw, [RecipeArguments, ModelConfig, config_cls, DPHArguments], where=where
     )
     for key, kw in (("model_name_or_path", model_kw), ("output_dir", train_kw), ("dataset_name", recipe_kw)):
         if kw.get(key) is None:
@@ -168,7 +169,7 @@ def resolve_presample_settings(path: str | Path, overrides: dict[str, Any] | Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             targs = config_cls(**train_kw)
-        pargs = PresampleArguments(**pre_kw)
+        pargs = DPHArguments(**pre_kw)
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{where}: invalid combination of values: {exc}") from exc
     objs = [targs, pargs, recipe_args]
@@ -567,7 +568,6 @@ def presample_recipe(path: str | Path, overrides: dict[str, Any] | None = None) 
 
 
 __all__ = [
-    "PresampleArguments",
     "PresampleSettings",
     "cut_at_eos",
     "eos_token_ids",
