@@ -46,7 +46,8 @@ def _cmd_presample(args: argparse.Namespace, extra: list[str]) -> int:
     c = manifest["counts"]
     print(
         f"fdpo: presampled {c['prompts']} prompts × {manifest['generation']['n']}: D_pef {c['d_pef']} "
-        f"({100 * manifest['frac_pef']:.1f}%), D_exp {c['d_exp']}, {c['stored_samples']} rehearsal samples → "
+        f"({100 * manifest['frac_pef']:.1f}%; {c['d_pef_rows']} rows), D_exp {c['d_exp']} ({c['d_exp_rows']} rows), "
+        f"{c['stored_samples']} rehearsal samples → "
         f"{manifest['out_dir']}"
     )
     return 0

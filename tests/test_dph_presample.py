@@ -59,7 +59,8 @@ def store(tiny_sft_dir: Path, task_data_dir: Path, tmp_path_factory: pytest.Temp
     from fdpo.cli import main
 
     tmp = tmp_path_factory.mktemp("dph")
-    rows = [json.loads(line) for line in (task_data_dir / "rl.jsonl").read_text().splitlines()[:NUM_PROMPTS]]
+    base = [json.loads(line) for line in (task_data_dir / "rl.jsonl").read_text().splitlines()[:NUM_PROMPTS]]
+    rows = [*base[:5], base[0], *base[5:], base[3], base[3]]  # duplicated prompts must stay on one side
     data = tmp / "rl.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = tmp / "grpo.yaml"
@@ -89,49 +90,60 @@ def _samples(tensors):
         )
 
 
+def _key(row):
+    return (row["prompt"][-1]["content"], row["target"])
+
+
 def test_split_matches_the_verifier_on_every_sample(store, tiny_sft_dir):
     from transformers import AutoTokenizer
 
     _, out, spy_out, spy, rows = store
     tok = AutoTokenizer.from_pretrained(tiny_sft_dir)
-    assert len(spy.calls) == NUM_PROMPTS * N
-    # the test's own verdicts, per prompt row (samples are prompt-major, N per prompt)
+    keys = list(dict.fromkeys(_key(r) for r in rows))  # distinct prompts, first-appearance order
+    first_row = {k: next(i for i, r in enumerate(rows) if _key(r) == k) for k in keys}
+    assert len(keys) < len(rows)
+    assert len(spy.calls) == len(keys) * N  # each distinct prompt sampled n times, once
+    # the test's own verdicts, per distinct prompt (samples are prompt-major, N per prompt)
     task = get_task("sum_pairs")
-    verdicts = [[task.check(rows[i], spy.calls[i * N + j][1]) for j in range(N)] for i in range(NUM_PROMPTS)]
-    for i in range(NUM_PROMPTS):
-        for j in range(N):
-            assert spy.calls[i * N + j][0] == rows[i]["prompt"]
-    want_pef = {i for i in range(NUM_PROMPTS) if sum(verdicts[i]) >= N}  # pef_threshold 1.0 (default)
-    want_exp = set(range(NUM_PROMPTS)) - want_pef
-    assert want_pef and want_exp, "the tiny SFT model should solve some prompts always and some not"
+    verdicts = {}
+    for g, k in enumerate(keys):
+        calls = spy.calls[g * N : (g + 1) * N]
+        assert all(c[0] == rows[first_row[k]]["prompt"] for c in calls)
+        verdicts[k] = [task.check(rows[first_row[k]], c[1]) for c in calls]
+    pef_keys = {k for k in keys if sum(verdicts[k]) >= N}  # pef_threshold 1.0 (the default)
+    want_pef = {i for i, r in enumerate(rows) if _key(r) in pef_keys}
+    want_exp = set(range(len(rows))) - want_pef
+    assert pef_keys and want_exp, "the tiny SFT model should solve some prompts always and some not"
 
     for directory in (out, spy_out):  # the CLI run (named reward) and the spy run draw the same samples
         manifest, tensors = load_rehearsal_tensors(directory)
         pef = set(tensors["pef_rows"].tolist())
         exp = set(tensors["exp_rows"].tolist())
-        assert pef == want_pef and exp == want_exp and not (pef & exp) and (pef | exp) == set(range(NUM_PROMPTS))
+        assert pef == want_pef and exp == want_exp and not (pef & exp) and (pef | exp) == set(range(len(rows)))
         assert manifest["counts"] == {
-            "prompts": NUM_PROMPTS,
-            "d_pef": len(want_pef),
-            "d_exp": len(want_exp),
-            "samples": NUM_PROMPTS * N,
-            "samples_correct": sum(map(sum, verdicts)),
+            "rows": len(rows),
+            "prompts": len(keys),
+            "d_pef": len(pef_keys),
+            "d_exp": len(keys) - len(pef_keys),
+            "d_pef_rows": len(want_pef),
+            "d_exp_rows": len(want_exp),
+            "samples": len(keys) * N,
+            "samples_correct": sum(map(sum, verdicts.values())),
             "samples_finished": manifest["counts"]["samples_finished"],
-            "stored_samples": N * len(want_pef),
+            "stored_samples": N * len(pef_keys),
             "stored_tokens": int(tensors["completion_ids"].numel()),
         }
-        assert math.isclose(manifest["frac_pef"], len(want_pef) / NUM_PROMPTS)
-        # the jsonl files hold exactly those rows, unchanged
+        assert math.isclose(manifest["frac_pef"], len(pef_keys) / len(keys))
+        # the jsonl files hold exactly those rows (duplicates included), unchanged
         d_exp = [json.loads(x) for x in (directory / "d_exp.jsonl").read_text().splitlines()]
         d_pef = [json.loads(x) for x in (directory / "d_pef.jsonl").read_text().splitlines()]
         assert d_exp == [rows[i] for i in sorted(want_exp)]
         assert d_pef == [rows[i] for i in sorted(want_pef)]
         # every stored sample: a D_pef prompt, the verifier accepts its text, prompt ids are the template's
         stored = list(_samples(tensors))
-        assert sorted(r for r, *_ in stored) == sorted(r for r in want_pef for _ in range(N))
+        assert sorted(r for r, *_ in stored) == sorted(first_row[k] for k in pef_keys for _ in range(N))
         eos = tok.eos_token_id
         for row, p_ids, c_ids, _, mask in stored:
-            assert row in want_pef
             text = tok.decode(c_ids.tolist(), skip_special_tokens=True)
             assert task.check(rows[row], text)
             assert int(c_ids[-1]) == eos and eos not in c_ids[:-1].tolist()  # cut after the first eos, kept
@@ -141,7 +153,10 @@ def test_split_matches_the_verifier_on_every_sample(store, tiny_sft_dir):
             assert p_ids.tolist() == list(rendered)
         # the spy saw the same completions (by token ids) as were stored
         if directory == spy_out:
-            recorded = {(i, tuple(spy.calls[i * N + j][2])) for i in want_pef for j in range(N)}
+            recorded = {
+                (first_row[k], tuple(spy.calls[g * N + j][2]))
+                for g, k in enumerate(keys) if k in pef_keys for j in range(N)
+            }
             assert {(r, tuple(c.tolist())) for r, _, c, _, _ in stored} == recorded
 
 

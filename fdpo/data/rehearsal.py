@@ -13,9 +13,11 @@
   to and including its first eos, as TRL's GRPOTrainer keeps it), ``completion_offsets`` int64
   (N+1), ``completion_mask`` int8 (aligned with ``completion_ids``), ``ref_logps`` float32
   (aligned: log π_ref(y_t | x, y_<t) of the logits divided by the sampling temperature, from a
-  teacher-forced forward), ``sample_prompt_row`` int64 (N, the sample's row in the training data),
-  ``sample_reward`` float32 (N); per prompt row of the training data: ``prompt_num_correct`` int64
-  and ``prompt_in_pef`` int8; ``pef_rows``/``exp_rows`` int64 (the split, as row indices).
+  teacher-forced forward), ``sample_prompt_row`` int64 (N, the first training-data row of the
+  sample's prompt), ``sample_reward`` float32 (N); per row of the training data: ``prompt_group``
+  int64 (identical rows form one prompt, sampled once, on one side of the split),
+  ``prompt_num_correct`` int64 (of its prompt's n samples) and ``prompt_in_pef`` int8;
+  ``pef_rows``/``exp_rows`` int64 (the split, as row indices).
 - ``d_exp.jsonl`` / ``d_pef.jsonl``: the training-data rows (every column, unchanged) of D_exp (the
   prompts RL trains on) and of D_pef.
 
