@@ -393,3 +393,22 @@ def test_config_mixin_and_wiring_helpers(store, tiny_sft_dir, tmp_path):
     args.temperature, args.rehearsal_coef = TEMPERATURE, -1.0
     with pytest.raises(RecipeError, match="rehearsal_coef"):
         build_rehearsal_buffer(args, tok)
+
+
+def test_pipeline_presample_stage_runs_once_into_its_folder(store, tmp_path):
+    from fdpo.pipeline import run_pipeline
+
+    settings, *_ = store
+    pipe = tmp_path / "pipeline.yaml"
+    pipe.write_text(
+        f"run_dir: {tmp_path / 'run'}\nstages:\n  - name: dph\n    kind: presample\n"
+        f"    recipe: {settings.recipe_path}\n    overrides: {{presample_n: 2}}\n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        first = run_pipeline(pipe)
+        again = run_pipeline(pipe)
+    manifest = read_manifest(tmp_path / "run" / "dph")
+    assert manifest["generation"]["n"] == 2 and manifest["out_dir"] == str((tmp_path / "run" / "dph").resolve())
+    assert first[0].status == "ran" and again[0].status == "skipped"
+    assert again[0].metrics["d_pef"] == manifest["counts"]["d_pef"] == first[0].metrics["d_pef"]
