@@ -53,9 +53,8 @@ SAMPLES = "rehearsal.safetensors"
 D_EXP = "d_exp.jsonl"
 D_PEF = "d_pef.jsonl"
 
-#: manifest["generation"] keys that must equal the training config's (a mismatch is refused).
-STRICT_GENERATION_KEYS = ("temperature",)
-#: keys compared and only warned about: they change which samples were drawn, not log π_ref.
+#: manifest["generation"] keys compared with training and only warned about: they change which samples
+#: were drawn, not log π_ref (the temperature, which changes log π_ref, is refused on mismatch).
 SOFT_GENERATION_KEYS = ("top_p", "top_k", "min_p", "repetition_penalty", "max_completion_length")
 
 
