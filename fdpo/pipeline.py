@@ -17,7 +17,7 @@ A pipeline recipe is YAML:
 Stage kinds: `tiny` (build the tiny model), `data` (synthetic task data), `train` (a training
 recipe; output_dir is set to the stage folder), `presample` (DPH-RL's `fdpo presample` of a GRPO
 recipe; the rehearsal store is the stage folder, so a later train stage sets
-`rehearsal_dir: {from_stage: <this stage>}`), `eval` (pass@k and diversity). `--from STAGE`
+`rehearsal_file: {from_stage: <this stage>}`), `eval` (pass@k and diversity). `--from STAGE`
 reruns that stage and every later one; earlier stages are reused as they are.
 """
 
@@ -215,8 +215,8 @@ def _eval_metrics(result: dict[str, Any]) -> dict[str, Any]:
 
 def _presample_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
     c = manifest["counts"]
-    return {"frac_pef": manifest["frac_pef"], "pass_rate": manifest["pass_rate"], "d_pef": c["d_pef"],
-            "d_exp": c["d_exp"], "stored_samples": c["stored_samples"]}
+    return {"frac_pef": manifest["frac_pef"], "pass_rate": manifest["pass_rate"], "d_pef": c["d_pef_prompts"],
+            "d_exp": c["d_exp_prompts"], "stored_samples": c["stored_samples"]}
 
 
 def _previous_metrics(stage: Stage) -> dict[str, Any]:

@@ -123,10 +123,10 @@ def test_split_matches_the_verifier_on_every_sample(store, tiny_sft_dir):
         assert manifest["counts"] == {
             "rows": len(rows),
             "prompts": len(keys),
-            "d_pef": len(pef_keys),
-            "d_exp": len(keys) - len(pef_keys),
-            "d_pef_rows": len(want_pef),
-            "d_exp_rows": len(want_exp),
+            "d_pef": len(want_pef),
+            "d_exp": len(want_exp),
+            "d_pef_prompts": len(pef_keys),
+            "d_exp_prompts": len(keys) - len(pef_keys),
             "samples": len(keys) * N,
             "samples_correct": sum(map(sum, verdicts.values())),
             "samples_finished": manifest["counts"]["samples_finished"],
@@ -134,6 +134,7 @@ def test_split_matches_the_verifier_on_every_sample(store, tiny_sft_dir):
             "stored_tokens": int(tensors["completion_ids"].numel()),
         }
         assert math.isclose(manifest["frac_pef"], len(pef_keys) / len(keys))
+        assert math.isclose(manifest["frac_pef_rows"], len(want_pef) / len(rows))
         # the jsonl files hold exactly those rows (duplicates included), unchanged
         d_exp = [json.loads(x) for x in (directory / "d_exp.jsonl").read_text().splitlines()]
         d_pef = [json.loads(x) for x in (directory / "d_pef.jsonl").read_text().splitlines()]
@@ -360,39 +361,21 @@ def test_recipe_errors_name_the_key(tmp_path):
     assert s.out_dir == str(Path("o") / "dph")
 
 
-def test_config_mixin_and_wiring_helpers(store, tiny_sft_dir, tmp_path):
-    """DPHArguments mixes into a GRPOConfig; the helpers find the store, build a checked buffer and
-    checkpoint its position."""
-    from trl import GRPOConfig
-
-    from fdpo.data.dph_args import DPHArguments
-    from fdpo.data.rehearsal import build_rehearsal_buffer, d_exp_path
-    from fdpo.recipe import RecipeError
-
+def test_buffer_checkpoint_state_file_roundtrip(store, tiny_sft_dir, tmp_path):
     _, out, *_ = store
-
-    @dataclasses.dataclass
-    class Config(GRPOConfig, DPHArguments):
-        pass
-
-    args = Config(output_dir=str(out.parent), temperature=TEMPERATURE, rehearsal_coef=0.1, rehearsal_batch_size=3,
-                  seed=3, num_generations=2, per_device_train_batch_size=2, report_to="none", bf16=False)
-    assert d_exp_path(args) == out / "d_exp.jsonl" and d_exp_path(args).is_file()
     tok = _tok(tiny_sft_dir)
-    buf = build_rehearsal_buffer(args, tok)
+
+    def make():
+        return RehearsalBuffer(out, tokenizer=tok, temperature=TEMPERATURE, batch_size=3, seed=4)
+
+    buf = make()
     first = buf.next_batch()
     assert first.input_ids.shape[0] == 3 and first.ref_logps.shape == first.completion_mask.shape
     buf.save_state(tmp_path)
     second = buf.next_batch()
-    again = build_rehearsal_buffer(args, tok)
+    again = make()
     assert again.load_state(tmp_path) and torch.equal(again.next_batch().indices, second.indices)
-    assert not build_rehearsal_buffer(args, tok).load_state(tmp_path / "none")
-    args.temperature = 1.0
-    with pytest.raises(RehearsalMismatchError, match="temperature"):
-        build_rehearsal_buffer(args, tok)
-    args.temperature, args.rehearsal_coef = TEMPERATURE, -1.0
-    with pytest.raises(RecipeError, match="rehearsal_coef"):
-        build_rehearsal_buffer(args, tok)
+    assert not make().load_state(tmp_path / "none")
 
 
 def test_pipeline_presample_stage_runs_once_into_its_folder(store, tmp_path):
@@ -411,4 +394,4 @@ def test_pipeline_presample_stage_runs_once_into_its_folder(store, tmp_path):
     manifest = read_manifest(tmp_path / "run" / "dph")
     assert manifest["generation"]["n"] == 2 and manifest["out_dir"] == str((tmp_path / "run" / "dph").resolve())
     assert first[0].status == "ran" and again[0].status == "skipped"
-    assert again[0].metrics["d_pef"] == manifest["counts"]["d_pef"] == first[0].metrics["d_pef"]
+    assert again[0].metrics["d_pef"] == manifest["counts"]["d_pef_prompts"] == first[0].metrics["d_pef"]

@@ -34,13 +34,12 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fdpo.data.dph_args import DPHArguments
 from fdpo.data.rehearsal import (
     D_EXP,
     D_PEF,
@@ -52,6 +51,43 @@ from fdpo.data.rehearsal import (
 from fdpo.recipe.validate import RecipeError
 
 logger = logging.getLogger("fdpo")
+
+
+@dataclass
+class PresampleArguments:
+    """Recipe keys of `fdpo presample` (a trainer config that defines a key of its own wins)."""
+
+    presample_n: int = field(
+        default=8, metadata={"help": "DPH-RL: completions sampled per training prompt before RL (paper: 8)."}
+    )
+    pef_threshold: float = field(
+        default=1.0,
+        metadata={
+            "help": "DPH-RL: a prompt joins D_pef (rehearsed, not trained on with RL) when at least this "
+            "fraction of its presample_n completions is correct; 1.0 = solved every time (the paper)."
+        },
+    )
+    presample_correct_reward: float = field(
+        default=1.0,
+        metadata={"help": "DPH-RL: a completion is correct when its weighted total reward is ≥ this value."},
+    )
+    presample_batch_size: int = field(
+        default=64, metadata={"help": "DPH-RL: sequences per generate call and per log π_ref forward."}
+    )
+    presample_seed: int | None = field(
+        default=None, metadata={"help": "DPH-RL: sampling seed for `fdpo presample` (default: the recipe's seed)."}
+    )
+    presample_dir: str | None = field(
+        default=None,
+        metadata={"help": "DPH-RL: where `fdpo presample` writes the rehearsal store (default: <output_dir>/dph)."},
+    )
+    reward_funcs: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions (names from fdpo.rewards or dotted paths to user functions), as "
+            "TRL's GRPO script takes them."
+        },
+    )
 
 
 @dataclass
@@ -126,8 +162,8 @@ def resolve_presample_settings(path: str | Path, overrides: dict[str, Any] | Non
     """Read and validate a training recipe for presampling.
 
     Every key is checked as `fdpo train` checks it (unknown keys and wrong types are errors naming
-    the key and the file), against the recipe's trainer config plus the DPH-RL keys
-    (:class:`fdpo.data.dph_args.DPHArguments`; a key the trainer config defines itself wins).
+    the key and the file), against the recipe's trainer config plus :class:`PresampleArguments`
+    (a key the trainer config defines itself wins; FGRPOConfig mixes PresampleArguments in).
     A ``trainer`` not registered in fdpo (e.g. ``grpo`` before FGRPOTrainer exists) is checked
     against TRL's ``GRPOConfig``, with a warning.
     """
@@ -156,7 +192,7 @@ def resolve_presample_settings(path: str | Path, overrides: dict[str, Any] | Non
         raw = {k: v for k, v in raw.items() if k != "trainer"}
         config_cls = GRPOConfig
     recipe_kw, model_kw, train_kw, pre_kw = validate_keys(
-        raw, [RecipeArguments, ModelConfig, config_cls, DPHArguments], where=where
+        raw, [RecipeArguments, ModelConfig, config_cls, PresampleArguments], where=where
     )
     for key, kw in (("model_name_or_path", model_kw), ("output_dir", train_kw), ("dataset_name", recipe_kw)):
         if kw.get(key) is None:
@@ -169,7 +205,7 @@ def resolve_presample_settings(path: str | Path, overrides: dict[str, Any] | Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             targs = config_cls(**train_kw)
-        pargs = DPHArguments(**pre_kw)
+        pargs = PresampleArguments(**pre_kw)
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{where}: invalid combination of values: {exc}") from exc
     objs = [targs, pargs, recipe_args]
@@ -551,10 +587,10 @@ def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dic
         "counts": {
             "rows": len(rows),
             "prompts": len(urows),
-            "d_pef": sum(in_pef),
-            "d_exp": len(urows) - sum(in_pef),
-            "d_pef_rows": len(pef_rows),
-            "d_exp_rows": len(exp_rows),
+            "d_pef": len(pef_rows),
+            "d_exp": len(exp_rows),
+            "d_pef_prompts": sum(in_pef),
+            "d_exp_prompts": len(urows) - sum(in_pef),
             "samples": total,
             "samples_correct": sum(num_correct),
             "samples_finished": int(finished),
@@ -562,6 +598,7 @@ def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dic
             "stored_tokens": int(c_flat.numel()),
         },
         "frac_pef": sum(in_pef) / max(len(urows), 1),
+        "frac_pef_rows": len(pef_rows) / max(len(rows), 1),
         "mean_reward": sum(valid) / max(len(valid), 1),
         "pass_rate": sum(num_correct) / max(total, 1),
         "created_unix": time.time(),
@@ -590,6 +627,7 @@ def presample_recipe(path: str | Path, overrides: dict[str, Any] | None = None) 
 
 
 __all__ = [
+    "PresampleArguments",
     "PresampleSettings",
     "cut_at_eos",
     "eos_token_ids",

@@ -58,6 +58,10 @@ D_PEF = "d_pef.jsonl"
 SOFT_GENERATION_KEYS = ("top_p", "top_k", "min_p", "repetition_penalty", "max_completion_length")
 
 
+#: file a trainer may write into each checkpoint with `RehearsalBuffer.save_state`
+STATE_FILE = "rehearsal_state.json"
+
+
 class RehearsalMismatchError(RecipeError):
     """The stored rehearsal samples do not belong to this training run (tokenizer/template/temperature)."""
 
@@ -538,65 +542,3 @@ class RehearsalBuffer:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
-
-
-# ---------------------------------------------------------------------------------------------
-# Wiring helpers for a trainer whose config carries `fdpo.data.dph_args.DPHArguments`
-# ---------------------------------------------------------------------------------------------
-
-#: file a trainer writes into each checkpoint with `RehearsalBuffer.state_dict()`
-STATE_FILE = "rehearsal_state.json"
-
-
-def rehearsal_store_dir(args: Any) -> Path:
-    """The store a config points at: ``rehearsal_dir``, else ``presample_dir``, else <output_dir>/dph."""
-    explicit = getattr(args, "rehearsal_dir", None) or getattr(args, "presample_dir", None)
-    return Path(explicit) if explicit else dph_dir(args.output_dir)
-
-
-def d_exp_path(args: Any) -> Path:
-    """The D_exp training prompts (JSONL, the original rows) that RL trains on when rehearsal is on."""
-    return rehearsal_store_dir(args) / D_EXP
-
-
-def check_rehearsal_arguments(args: Any, where: str = "recipe") -> None:
-    """Range checks of the rehearsal keys (a RecipeError naming the key)."""
-    coef = float(getattr(args, "rehearsal_coef", 0.0))
-    if not (coef >= 0 and math.isfinite(coef)):
-        raise RecipeError(f"{where}: key 'rehearsal_coef' must be a finite number ≥ 0, got {coef}.")
-    if int(getattr(args, "rehearsal_batch_size", 1)) < 1:
-        raise RecipeError(f"{where}: key 'rehearsal_batch_size' must be ≥ 1, got {args.rehearsal_batch_size}.")
-    if getattr(args, "rehearsal_convention", "dph") not in ("dph", "registry"):
-        raise RecipeError(f"{where}: key 'rehearsal_convention' must be 'dph' or 'registry'.")
-
-
-def build_rehearsal_buffer(
-    args: Any,
-    tokenizer,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    model_name_or_path: str | None = None,
-    chat_template: str | None = None,
-) -> RehearsalBuffer:
-    """The `RehearsalBuffer` of a training config (GRPOConfig + DPHArguments), checked against its
-    temperature, chat_template_kwargs and generation settings."""
-    check_rehearsal_arguments(args)
-    kwargs = getattr(args, "chat_template_kwargs", None)
-    if isinstance(kwargs, str):
-        kwargs = json.loads(kwargs)
-    generation = {k: getattr(args, k) for k in SOFT_GENERATION_KEYS if hasattr(args, k)}
-    seed = getattr(args, "rehearsal_seed", None)
-    return RehearsalBuffer(
-        rehearsal_store_dir(args),
-        tokenizer=tokenizer,
-        temperature=float(args.temperature),
-        batch_size=int(getattr(args, "rehearsal_batch_size", 8)),
-        seed=int(seed if seed is not None else getattr(args, "seed", 0)),
-        rank=rank,
-        world_size=world_size,
-        chat_template=chat_template,
-        chat_template_kwargs=kwargs,
-        generation=generation,
-        model_name_or_path=model_name_or_path,
-    )
