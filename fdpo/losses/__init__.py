@@ -1,5 +1,6 @@
 """Pure loss functions: tensors in → (loss, metrics) out; no Trainer, no model (DESIGN.md layers)."""
 
+from fdpo.losses.chi2 import chi2_penalty, chi2_terms
 from fdpo.losses.disco import disco_kl, disco_loss, disco_scores
 
-__all__ = ["disco_kl", "disco_loss", "disco_scores"]
+__all__ = ["chi2_penalty", "chi2_terms", "disco_kl", "disco_loss", "disco_scores"]
