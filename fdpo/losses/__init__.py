@@ -2,5 +2,6 @@
 
 from fdpo.losses.chi2 import chi2_penalty, chi2_terms
 from fdpo.losses.disco import disco_kl, disco_loss, disco_scores
+from fdpo.losses.fdpg import FDPGState, fdpg_loss
 
-__all__ = ["chi2_penalty", "chi2_terms", "disco_kl", "disco_loss", "disco_scores"]
+__all__ = ["FDPGState", "chi2_penalty", "chi2_terms", "disco_kl", "disco_loss", "disco_scores", "fdpg_loss"]
