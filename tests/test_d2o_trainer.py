@@ -218,6 +218,40 @@ def test_reference_logps_and_first_loss(tiny_model_dir, task_data_dir, tmp_path,
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
 
 
+def test_lora_adapter_reference_is_base(tiny_model_dir, task_data_dir, tmp_path):
+    """LoRA: the reference is the base with the adapter disabled (online, with gradient checkpointing); the
+    base's fingerprint is the same with the adapter injected, so the sample cache stays valid."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    model, tok = _load(tiny_model_dir)
+    before = rs.model_fingerprint(model)
+    args = FD2OConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_reference_samples=2,
+        sample_max_new_tokens=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        precompute_ref_log_probs=False,
+        gradient_checkpointing=True,
+        **COMMON,
+    )
+    trainer = FD2OTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(_negatives(task_data_dir, 8)),
+        processing_class=tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    assert rs.model_fingerprint(trainer.model) == before
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-5)  # adapter B = 0: π = π_ref
+    assert all(math.isfinite(h["loss"]) for h in logs)
+    assert logs[1]["d2o/margin"] != 0.0  # the adapter moved the policy away from the (adapter-off) reference
+
+
 def test_config_and_recipe():
     from fdpo.recipe import load_recipe
 

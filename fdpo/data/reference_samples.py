@@ -89,13 +89,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def model_fingerprint(model) -> str:
-    """sha256 over the sorted state dict (dtype + bytes), PEFT adapter weights excluded (the reference is the base)."""
+    """sha256 over the sorted state dict (names, dtypes, bytes); PEFT adapter weights are excluded and PEFT's
+    renaming undone, so the base model hashes the same with or without a LoRA adapter (the reference is the base)."""
     import torch
 
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    state = {}
+    for name, tensor in model.state_dict().items():
         if "lora_" in name or ".modules_to_save." in name:
             continue
+        # the same weights under PEFT wrapping: base_model.model.<name>, <module>.base_layer.weight
+        state[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = tensor
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu()
         h.update(name.encode())
         h.update(str(t.dtype).encode())

@@ -234,7 +234,8 @@ class FD2OTrainer(DPOTrainer):
         state = getattr(self, "state", None)
         allow = state is None or state.global_step == 0
         device = PartialState().device
-        if device.type != "cpu" and getattr(model, "hf_device_map", None) is None:
+        quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+        if device.type != "cpu" and getattr(model, "hf_device_map", None) is None and not quantized:
             model.to(device)
         with PartialState().main_process_first():
             return load_or_generate_reference_samples(
