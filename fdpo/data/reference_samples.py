@@ -29,12 +29,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fdpo.recipe.validate import RecipeError
+
 logger = logging.getLogger("fdpo")
 
 FORMAT_VERSION = 1
 
 
-class StaleSampleCacheError(ValueError):
+class StaleSampleCacheError(RecipeError):
     """A reference-sample cache exists but was made for other settings, tokenizer, reference or prompts."""
 
 
