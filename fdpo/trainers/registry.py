@@ -10,8 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fdpo.recipe.validate import RecipeError, nearest
-
 
 @dataclass(frozen=True)
 class TrainerSpec:
@@ -78,6 +76,9 @@ TRAINERS: dict[str, TrainerSpec] = {
 
 def get_trainer_spec(name: str) -> TrainerSpec:
     if name not in TRAINERS:
+        # imported here: fdpo.recipe imports this module (importing it first would be circular)
+        from fdpo.recipe.validate import RecipeError, nearest
+
         hint = nearest(name, TRAINERS)
         extra = f" Did you mean '{hint}'?" if hint else ""
         raise RecipeError(f"unknown trainer '{name}'; valid: {sorted(TRAINERS)}.{extra}")
