@@ -59,7 +59,7 @@ from fdpo.divergences.registry import resolve_divergence
 #: every registered divergence, either side carrying the gradient (measured by
 #: tests/test_divergences_full_vocab.py with the allocator's accounting). Entries that rely on the
 #: generic ``Divergence.vocab_value``/``vocab_dlogp`` may use a few more.
-LIVE_CHUNK_TENSORS = 8
+LIVE_CHUNK_TENSORS = 9
 #: cap on one chunk's working set (LIVE_CHUNK_TENSORS × chunk × vocab × itemsize), in bytes: on CPU
 #: it stays within a server CPU's last-level cache, which is what makes chunking faster than the
 #: one-shot computation; on accelerators it is larger to amortise kernel launches.
