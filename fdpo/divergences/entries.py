@@ -213,6 +213,7 @@ class JensenShannon(_JSDFamily):
     equals = "JS(π, π_ref) = ½KL(π‖m) + ½KL(π_ref‖m), m = (π+π_ref)/2"
     notes = "= generalized_jsd(0.5)"
     beta = 0.5
+    fdpo_score_scale = 2.0  # §3: the f-DPO JS score is log σ(ℓ_w) − log σ(ℓ_l) = 2 × this f′'s margin
 
 
 # --------------------------------------------------------------------------------------------
