@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -96,6 +97,17 @@ def _log_cap(dtype: torch.dtype, vocab: int) -> float:
     return math.log(torch.finfo(dtype).max * SAFE_FRACTION / max(vocab, 1))
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """What every chunk of one call shares: the divergence, the temperature, the per-term cap and
+    the compute dtype."""
+
+    div: Divergence
+    temperature: float
+    log_cap: float
+    dtype: torch.dtype
+
+
 class _Plan:
     """Which rows (flattened positions) are computed, in chunks: contiguous slices when nothing is
     masked, index tensors of the unmasked rows otherwise."""
@@ -141,10 +153,9 @@ def _log_softmax(z: Tensor, dtype: torch.dtype, temperature: float, owned: bool)
 
 
 def _chunk_terms(
-    div: Divergence,
+    setup: _Setup,
     logp: Tensor,
     logq: Tensor,
-    log_cap: float,
     want_value: bool,
     scale: Tensor | float,
     out_p: Tensor | None,
@@ -156,7 +167,8 @@ def _chunk_terms(
 
     Few live temporaries: A is freed as soon as it is summed unless C = A − B needs it, and both
     gradients are formed directly in their output tensors."""
-    c = VocabChunk(logp, logq, log_cap)
+    div = setup.div
+    c = VocabChunk(logp, logq, setup.log_cap)
     value = None
     a = None
     if want_value or out_q is not None:
@@ -225,10 +237,7 @@ def _logits_pass(
     z: Tensor,
     zr: Tensor,
     plan: _Plan,
-    div: Divergence,
-    temperature: float,
-    log_cap: float,
-    cdtype: torch.dtype,
+    setup: _Setup,
     want_value: bool,
     scale_all: Tensor | float,
     gz: Tensor | None,
@@ -237,6 +246,7 @@ def _logits_pass(
     """One pass over the chunks: per-position values (when ``want_value``) and, into ``gz``/``gzr``,
     the rows scale_i·∂D_i/∂z_i and scale_i·∂D_i/∂z_ref,i."""
     n, vocab = z.shape
+    cdtype, temperature = setup.dtype, setup.temperature
     out = torch.zeros(n, dtype=cdtype, device=z.device) if want_value else None
     with torch.no_grad():
         for sel in plan.chunks():
@@ -246,7 +256,7 @@ def _logits_pass(
             rows = logp.shape[0]
             out_p = _out_rows(gz, sel, rows, vocab, cdtype)
             out_q = _out_rows(gzr, sel, rows, vocab, cdtype)
-            d = _chunk_terms(div, logp, logq, log_cap, want_value, _chunk_scale(scale_all, sel), out_p, out_q)
+            d = _chunk_terms(setup, logp, logq, want_value, _chunk_scale(scale_all, sel), out_p, out_q)
             del logp, logq
             if out is not None:
                 _store(out, sel, d)
@@ -274,14 +284,13 @@ class _FullVocabFromLogits(torch.autograd.Function):
     ) -> Tensor:
         n, vocab = z.shape
         cdtype = _compute_dtype(z, zr)
+        setup = _Setup(div, temperature, _log_cap(cdtype, vocab), cdtype)
         plan = _Plan(n, mask, chunk_rows, z.device)
-        log_cap = _log_cap(cdtype, vocab)
         gz = plan.grad_buffer(z) if eager[0] else None
         gzr = plan.grad_buffer(zr) if eager[1] else None
-        out = _logits_pass(z, zr, plan, div, temperature, log_cap, cdtype, True, 1.0 / temperature, gz, gzr)
+        out = _logits_pass(z, zr, plan, setup, True, 1.0 / temperature, gz, gzr)
         ctx.save_for_backward(z, zr)
-        ctx.plan, ctx.div, ctx.temperature, ctx.log_cap = plan, div, temperature, log_cap
-        ctx.eager_grads = (gz, gzr)
+        ctx.plan, ctx.setup, ctx.eager_grads = plan, setup, (gz, gzr)
         return out
 
     @staticmethod
@@ -296,11 +305,8 @@ class _FullVocabFromLogits(torch.autograd.Function):
         z, zr = ctx.saved_tensors  # no eager gradients (or a second backward): recompute
         gz = ctx.plan.grad_buffer(z) if need[0] else None
         gzr = ctx.plan.grad_buffer(zr) if need[1] else None
-        cdtype = _compute_dtype(z, zr)
-        scale_all = grad_out.to(cdtype) / ctx.temperature
-        _logits_pass(
-            z, zr, ctx.plan, ctx.div, ctx.temperature, ctx.log_cap, cdtype, False, scale_all, gz, gzr
-        )
+        scale_all = grad_out.to(ctx.setup.dtype) / ctx.setup.temperature
+        _logits_pass(z, zr, ctx.plan, ctx.setup, False, scale_all, gz, gzr)
         return gz, gzr, None, None, None, None, None
 
 
@@ -398,10 +404,7 @@ def _zeros_like_if(x: Tensor | None, needed: bool, dtype: torch.dtype) -> Tensor
 def _hidden_pass(
     tensors: tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None],
     plan: _Plan,
-    div: Divergence,
-    temperature: float,
-    log_cap: float,
-    cdtype: torch.dtype,
+    setup: _Setup,
     want_value: bool,
     scale_all: Tensor | None,
     needs: tuple[bool, ...],
@@ -409,7 +412,7 @@ def _hidden_pass(
     """One pass over the chunks: values (when ``want_value``) and, when ``scale_all`` is given, the
     gradients Σ_i scale_i ∂D_i/∂(h, W, b, h_ref, W_ref, b_ref) for ``needs``."""
     h, w, b, hr, wr, br = tensors
-    n = h.shape[0]
+    n, cdtype, temperature = h.shape[0], setup.dtype, setup.temperature
     needs = needs or (False,) * 6
     out = torch.zeros(n, dtype=cdtype, device=h.device) if want_value else None
     acc = torch.float64 if cdtype == torch.float64 else torch.float32
@@ -422,7 +425,7 @@ def _hidden_pass(
         gp = torch.empty_like(logp) if need_p else None
         gq = torch.empty_like(logq) if need_q else None
         scale = _rows(scale_all, sel).unsqueeze(-1) if scale_all is not None else 1.0
-        d = _chunk_terms(div, logp, logq, log_cap, want_value, scale, gp, gq)
+        d = _chunk_terms(setup, logp, logq, want_value, scale, gp, gq)
         del logp, logq
         if out is not None:
             _store(out, sel, d)
@@ -456,19 +459,19 @@ class _FullVocabFromHidden(torch.autograd.Function):
     ) -> Tensor:
         tensors = (h, w, b, hr, wr, br)
         cdtype = _compute_dtype(h, w, hr, wr)
+        setup = _Setup(div, temperature, _log_cap(cdtype, w.shape[0]), cdtype)
         plan = _Plan(h.shape[0], mask, chunk_rows, h.device)
-        log_cap = _log_cap(cdtype, w.shape[0])
-        ctx.plan, ctx.div, ctx.temperature, ctx.log_cap = plan, div, temperature, log_cap
+        ctx.plan, ctx.setup = plan, setup
         ctx.reduced = weights is not None
         ctx.save_for_backward(h, w, b, hr, wr, br)
         ctx.eager_grads = None
         with torch.no_grad():
             if weights is None:
-                out, _ = _hidden_pass(tensors, plan, div, temperature, log_cap, cdtype, True, None, ())
+                out, _ = _hidden_pass(tensors, plan, setup, True, None, ())
                 return out
             scale = weights.reshape(-1).to(cdtype) / temperature
             needs = tuple(t is not None and t.requires_grad for t in tensors) if eager else (False,) * 6
-            out, grads = _hidden_pass(tensors, plan, div, temperature, log_cap, cdtype, True, scale, needs)
+            out, grads = _hidden_pass(tensors, plan, setup, True, scale, needs)
             ctx.eager_grads = grads if eager else None
             ctx.scale = scale
             return (out * weights.reshape(-1).to(cdtype)).sum()
@@ -476,21 +479,16 @@ class _FullVocabFromHidden(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        h, w, _, hr, wr, _ = tensors = ctx.saved_tensors
+        tensors = ctx.saved_tensors
         nig = ctx.needs_input_grad[:6]
         grads, ctx.eager_grads = ctx.eager_grads, None
         if grads is not None and all(g is not None or not need for g, need in zip(grads, nig)):
             _scale_rows(tuple(grads), grad_out.reshape(1))
         else:
-            cdtype = _compute_dtype(h, w, hr, wr)
-            if ctx.reduced:
-                scale_all = ctx.scale * grad_out.to(cdtype)
-            else:
-                scale_all = grad_out.to(cdtype) / ctx.temperature
+            g = grad_out.to(ctx.setup.dtype)
+            scale_all = ctx.scale * g if ctx.reduced else g / ctx.setup.temperature
             with torch.no_grad():
-                _, grads = _hidden_pass(
-                    tensors, ctx.plan, ctx.div, ctx.temperature, ctx.log_cap, cdtype, False, scale_all, nig
-                )
+                _, grads = _hidden_pass(tensors, ctx.plan, ctx.setup, False, scale_all, nig)
         out = [
             None if (g is None or t is None or not need) else g.to(t.dtype)
             for g, t, need in zip(grads, tensors, nig)
