@@ -269,6 +269,25 @@ def test_fused_hidden_path_with_reference_logits_instead_of_a_reference_head(red
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("name", ["forward_kl", "alpha(0.3)"])
+def test_fused_hidden_path_with_a_frozen_head_computes_row_gradients_in_forward(name):
+    """Frozen LM heads (e.g. LoRA elsewhere): the per-row gradients (hidden states, reference
+    logits) are computed in the forward pass and scaled by the upstream gradient in backward."""
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(B, T, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(VOCAB, 5, generator=g, dtype=torch.float64)
+    ref_logits = torch.randn(B, T, VOCAB, generator=g, dtype=torch.float64).requires_grad_(True)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    wt = torch.randn(B, T, generator=g, dtype=torch.float64)
+    out = full_vocab_divergence_from_hidden(h, w, ref_logits, None, name, mask, chunk_size=3, temperature=1.2)
+    grads = torch.autograd.grad((out * wt).sum(), [h, ref_logits])
+    ref = full_vocab_divergence(h @ w.T, ref_logits, name, mask, temperature=1.2)
+    ref_grads = torch.autograd.grad((ref * wt).sum(), [h, ref_logits])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+
+
 def test_fused_hidden_path_gradients_only_where_required_and_errors():
     h = torch.randn(6, 4, requires_grad=True)
     w = torch.randn(9, 4)
