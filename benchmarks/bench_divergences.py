@@ -22,6 +22,8 @@ What runs (forward + backward, fp32, CPU unless ``--device``):
   KL, 0.5 = JS; torch fallback on CPU) with CPU-sized tiles ``--trl-tiles``; ``liger`` =
   liger-kernel's ``LigerFusedLinearJSDLoss`` (JS only, pure torch with ``compiled=False``, no
   hard loss, ``--liger-chunk`` rows per chunk; its loss is a scalar, so it is unweighted).
+  Any other registered divergence (``--divergences alpha(0.5),jeffreys``) runs fdpo vs naive, the
+  naive one being Σ_v q f(p/q) with the registry's f(ℓ) on the full tensors.
 
 Time: median of ``--reps`` runs after one warm-up run per variant; the variants are interleaved
 (each repetition runs every variant, in a rotating order) in one process, so load from other
@@ -61,8 +63,12 @@ def _naive_divergence(z, zr, name):
         return (logp.exp() * (logp - logq)).sum(-1)
     if name == "forward_kl":
         return (logq.exp() * (logq - logp)).sum(-1)
-    log_m = torch.logaddexp(logp, logq) - math.log(2.0)
-    return 0.5 * (logp.exp() * (logp - log_m) + logq.exp() * (logq - log_m)).sum(-1)
+    if name == "js":
+        log_m = torch.logaddexp(logp, logq) - math.log(2.0)
+        return 0.5 * (logp.exp() * (logp - log_m) + logq.exp() * (logq - log_m)).sum(-1)
+    from fdpo.divergences import get_divergence  # any other f: Σ_v q f(p/q) with the registry's f(ℓ)
+
+    return (logq.exp() * get_divergence(name).f(logp - logq)).sum(-1)
 
 
 def _liger_available() -> bool:
@@ -187,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="small shapes (4, 256, 8000), hidden 128, 3 reps")
     p.add_argument("--parts", default="logits,hidden")
-    p.add_argument("--divergences", default=",".join(DIVERGENCES))
+    p.add_argument(
+        "--divergences",
+        default=",".join(DIVERGENCES),
+        help="registered names/labels; TRL runs for reverse_kl, forward_kl, js; liger for js",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.vocab, args.hidden, args.reps = 4, 256, 8000, 128, 3
@@ -219,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
         for name in names:
-            run = [v for v in variants if not (v == "liger" and name != "js")]
+            run = [
+                v for v in variants if (v != "liger" or name == "js") and (v != "trl" or name in DIVERGENCES)
+            ]
             res = _measure(args, part, name, run)
             for v in run:
                 cells = [name, v, f"{res[v]['time_s']:.3f}", f"{res[v]['extra_mb']:.1f}"]
