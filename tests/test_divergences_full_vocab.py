@@ -177,6 +177,32 @@ def test_peak_memory_is_one_chunk_beyond_inputs_and_gradient_buffers(case):
     assert naive_peak - z.numel() * 4 >= 2 * n * vocab * 4  # the truth this saves us from (float64 here)
 
 
+def test_default_chunk_keeps_the_working_set_within_the_memory_budget():
+    """The default chunk size comes from the budget: measured extra peak ≤ min(CHUNK_BUDGET_BYTES,
+    one full tensor / CHUNK_BUDGET_FRACTION) (or one row's LIVE_CHUNK_TENSORS when a row is larger)."""
+    from fdpo.divergences.full_vocab import (
+        CHUNK_BUDGET_BYTES,
+        CHUNK_BUDGET_FRACTION,
+        LIVE_CHUNK_TENSORS,
+        default_chunk_size,
+    )
+    from fdpo.divergences.profiling import peak_memory
+
+    for n, vocab in ((96, 1000), (40, 3000)):
+        z = torch.randn(n, vocab, requires_grad=True)
+        zr = torch.randn(n, vocab)
+        full = n * vocab * 4
+        budget = max(
+            min(CHUNK_BUDGET_BYTES["cpu"], full // CHUNK_BUDGET_FRACTION), LIVE_CHUNK_TENSORS * vocab * 4
+        )
+        assert LIVE_CHUNK_TENSORS * default_chunk_size(vocab, "cpu", n) * vocab * 4 <= budget
+        _, peak, _ = peak_memory(lambda z=z, zr=zr: full_vocab_divergence(z, zr, "js").sum().backward())
+        assert peak - full <= budget + 64 * n
+    assert (
+        default_chunk_size(32000, "cpu", 2048) * LIVE_CHUNK_TENSORS * 32000 * 4 <= CHUNK_BUDGET_BYTES["cpu"]
+    )
+
+
 def test_gradients_precomputed_in_forward_survive_a_second_backward_and_no_grad():
     """The forward pass hands its gradient buffers to the first backward; a second backward through
     the same graph (retain_graph) recomputes them, exactly; without grad mode nothing is precomputed."""
