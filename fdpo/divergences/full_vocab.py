@@ -336,7 +336,8 @@ def full_vocab_divergence(
         (...) tensor of per-position divergences, float32 (float64 for float64 inputs).
 
     When grad is enabled and a side requires it, its gradient is computed in this forward pass
-    (held until backward, which returns it; see the module docstring).
+    (held until backward, which returns it; see the module docstring). For a value that is only
+    logged, call it under ``torch.no_grad()`` or on detached logits, so that no gradient is made.
 
     Distillation: ``full_vocab_divergence(student_logits, teacher_logits, "forward_kl")`` is
     KL(teacher ‖ student), ``"reverse_kl"`` is KL(student ‖ teacher), ``generalized_jsd(β)``
