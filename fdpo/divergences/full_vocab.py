@@ -560,7 +560,8 @@ def full_vocab_divergence_from_hidden(
     whichever side requires grad are accumulated in float32 and returned in their own dtype.
 
     ``reduction="none"`` returns (...) per-position values (masked positions 0); the backward pass
-    recomputes both projections chunk by chunk. ``reduction="sum"`` returns the scalar
+    recomputes both projections chunk by chunk when an LM head requires grad (its gradient
+    Σ_i g_i ∂D_i/∂W needs the upstream g_i), else the per-row gradients are made in the forward pass. ``reduction="sum"`` returns the scalar
     Σ_positions weights · D (``weights`` (...) defaults to 1, masked positions excluded) and, when
     gradients are needed, computes them in the same pass as the value: no recomputation, so about
     a third fewer matrix products, for the usual case of a loss that is a weighted sum (e.g.
