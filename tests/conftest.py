@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +49,14 @@ def tiny_sft_dir(tiny_model_dir: Path, task_data_dir: Path, tmp_path_factory: py
     )
     run_training(recipe)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module of tests on tiny tensors (with 2 threads on a busy
+    2-core machine a tiny forward takes ~100× longer); the previous setting is restored after.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

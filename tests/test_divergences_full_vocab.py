@@ -146,6 +146,82 @@ def test_forward_keeps_no_graph_only_inputs_and_per_position_normalisers():
     out.sum().backward()
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_peak_memory_is_one_chunk_beyond_inputs_and_gradient_buffers(case):
+    """Allocator-exact accounting (torch's own record of every allocation): a forward + backward
+    never holds more than LIVE_CHUNK_TENSORS (chunk, vocab) temporaries beyond the inputs and the
+    returned gradients, for either or both sides carrying the gradient, with and without a mask and
+    a temperature; while the one-shot computation holds several full (positions, vocab) tensors."""
+    from fdpo.divergences.full_vocab import LIVE_CHUNK_TENSORS
+    from fdpo.divergences.profiling import peak_memory
+
+    name, params = case
+    div = get_divergence(name, **params)
+    n, vocab, rows = 48, 2048, 4
+    g = torch.Generator().manual_seed(11)
+    z0, zr0 = 3 * torch.randn(n, vocab, generator=g), 3 * torch.randn(n, vocab, generator=g)
+    mask = torch.rand(n, generator=g) > 0.3
+    chunk_bytes = rows * vocab * 4
+    for sides, m, temp in (("p", None, 1.0), ("q", mask, 1.3), ("pq", mask, 1.0), ("pq", None, 0.7)):
+        z, zr = z0.clone().requires_grad_("p" in sides), zr0.clone().requires_grad_("q" in sides)
+
+        def step(z=z, zr=zr, m=m, temp=temp):
+            full_vocab_divergence(z, zr, div, m, chunk_size=rows, temperature=temp).sum().backward()
+
+        _, peak, net = peak_memory(step)
+        grad_bytes = len(sides) * n * vocab * 4
+        assert net == grad_bytes  # what stays is the gradients, nothing else
+        assert peak - grad_bytes <= LIVE_CHUNK_TENSORS * chunk_bytes + 64 * n, (sides, peak - grad_bytes)
+    z = z0.clone().requires_grad_(True)
+    _, naive_peak, _ = peak_memory(lambda: _unchunked(name, params, z, zr0).sum().backward())
+    assert naive_peak - z.numel() * 4 >= 2 * n * vocab * 4  # the truth this saves us from (float64 here)
+
+
+def test_default_chunk_keeps_the_working_set_within_the_memory_budget():
+    """The default chunk size comes from the budget: measured extra peak ≤ min(CHUNK_BUDGET_BYTES,
+    one full tensor / CHUNK_BUDGET_FRACTION) (or one row's LIVE_CHUNK_TENSORS when a row is larger)."""
+    from fdpo.divergences.full_vocab import (
+        CHUNK_BUDGET_BYTES,
+        CHUNK_BUDGET_FRACTION,
+        LIVE_CHUNK_TENSORS,
+        default_chunk_size,
+    )
+    from fdpo.divergences.profiling import peak_memory
+
+    for n, vocab in ((96, 1000), (40, 3000)):
+        z = torch.randn(n, vocab, requires_grad=True)
+        zr = torch.randn(n, vocab)
+        full = n * vocab * 4
+        budget = max(
+            min(CHUNK_BUDGET_BYTES["cpu"], full // CHUNK_BUDGET_FRACTION), LIVE_CHUNK_TENSORS * vocab * 4
+        )
+        assert LIVE_CHUNK_TENSORS * default_chunk_size(vocab, "cpu", n) * vocab * 4 <= budget
+        _, peak, _ = peak_memory(lambda z=z, zr=zr: full_vocab_divergence(z, zr, "js").sum().backward())
+        assert peak - full <= budget + 64 * n
+    assert (
+        default_chunk_size(32000, "cpu", 2048) * LIVE_CHUNK_TENSORS * 32000 * 4 <= CHUNK_BUDGET_BYTES["cpu"]
+    )
+
+
+def test_gradients_precomputed_in_forward_survive_a_second_backward_and_no_grad():
+    """The forward pass hands its gradient buffers to the first backward; a second backward through
+    the same graph (retain_graph) recomputes them, exactly; without grad mode nothing is precomputed."""
+    z, zr, mask = _logits(12)
+    w = torch.randn(B, T, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    truth = _unchunked("generalized_jsd", {"beta": 0.3}, z, zr, mask)
+    t1 = torch.autograd.grad((truth * w).sum(), [z, zr])
+    out = full_vocab_divergence(z, zr, "generalized_jsd(0.3)", mask, chunk_size=3)
+    g1 = torch.autograd.grad((out * w).sum(), [z, zr], retain_graph=True)
+    g2 = torch.autograd.grad((out * 2 * w).sum(), [z, zr])
+    for a, b, t in zip(g1, g2, t1):
+        torch.testing.assert_close(a, t, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b, 2 * t, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            full_vocab_divergence(z, zr, "generalized_jsd(0.3)", mask), truth.detach(), rtol=1e-10, atol=1e-12
+        )
+
+
 # ------------------------------------------------------------------------------- from hidden states
 
 
@@ -215,6 +291,25 @@ def test_fused_hidden_path_with_reference_logits_instead_of_a_reference_head(red
     ref = full_vocab_divergence(h @ w.T, ref_logits, "js", mask)
     ref_grads = torch.autograd.grad(ref.sum(), [h, w, ref_logits])
     torch.testing.assert_close(out, ref.sum() if reduction == "sum" else ref, rtol=1e-10, atol=1e-12)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "alpha(0.3)"])
+def test_fused_hidden_path_with_a_frozen_head_computes_row_gradients_in_forward(name):
+    """Frozen LM heads (e.g. LoRA elsewhere): the per-row gradients (hidden states, reference
+    logits) are computed in the forward pass and scaled by the upstream gradient in backward."""
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(B, T, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(VOCAB, 5, generator=g, dtype=torch.float64)
+    ref_logits = torch.randn(B, T, VOCAB, generator=g, dtype=torch.float64).requires_grad_(True)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    wt = torch.randn(B, T, generator=g, dtype=torch.float64)
+    out = full_vocab_divergence_from_hidden(h, w, ref_logits, None, name, mask, chunk_size=3, temperature=1.2)
+    grads = torch.autograd.grad((out * wt).sum(), [h, ref_logits])
+    ref = full_vocab_divergence(h @ w.T, ref_logits, name, mask, temperature=1.2)
+    ref_grads = torch.autograd.grad((ref * wt).sum(), [h, ref_logits])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
 

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fdpo_loss import _FakePolicy, fake_batch, tiny_model, tiny_preference_dataset, tiny_tokenizer
+from test_fdpo_loss import (
+    LOSS_METRICS,
+    _FakePolicy,
+    fake_batch,
+    tiny_model,
+    tiny_preference_dataset,
+    tiny_tokenizer,
+)
 
 from fdpo.losses.fdpo_loss import FDPOScore
 from fdpo.trainers.dpo import FDPOConfig, FDPOTrainer
@@ -34,14 +41,7 @@ COMMON = {
     "disable_tqdm": True,
     "max_length": 16,
 }
-FDPO_METRICS = {
-    "scores/chosen",
-    "scores/rejected",
-    "scores/margins",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
+FDPO_METRICS = LOSS_METRICS | {
     "logps/chosen",
     "logps/rejected",
     "entropy",
@@ -52,13 +52,7 @@ FDPO_METRICS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. With 2 threads on a busy 2-core machine a tiny forward takes ~100× longer."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rule_pairs(n: int, seed: int) -> list[dict[str, str]]:

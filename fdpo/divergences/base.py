@@ -101,6 +101,11 @@ class Divergence(ABC):
       for dropping π_ref's mass). Hence reverse KL and Pearson χ² are the mode-seeking entries
       (the tests check each flag against the two limits).
     - ``source``: where the formula comes from.
+    - ``fdpo_score_scale``: the factor c_f by which the f-DPO score (objectives.md §3) multiplies
+      this entry's f′: s(ℓ) = c_f (f′(e^ℓ) − f′(1)). 1.0 (the registry's f′) except where the
+      f-DPO paper writes the generator at another scale than the registry: ``js`` has 2.0,
+      because §3's JS score β(log σ(ℓ_w) − log σ(ℓ_l)) is twice the registry's ½-JS f′
+      (``generalized_jsd(0.5)`` keeps 1.0: the same divergence, half the score).
     """
 
     canonical: ClassVar[str]
@@ -111,6 +116,7 @@ class Divergence(ABC):
     f_dpo_valid: ClassVar[bool]
     mass_covering: ClassVar[bool]
     source: ClassVar[str] = "objectives.md §0"
+    fdpo_score_scale: ClassVar[float] = 1.0
     notes: ClassVar[str] = ""
 
     # -- parameters ----------------------------------------------------------------------------

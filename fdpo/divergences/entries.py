@@ -73,7 +73,7 @@ class ReverseKL(Divergence):
         return c.p * c.logr
 
     def vocab_dlogp(self, c: VocabChunk) -> Tensor:
-        return c.p * (c.logr + 1.0)
+        return torch.add(c.logr, 1.0).mul_(c.p)
 
 
 @register
@@ -113,7 +113,7 @@ class ForwardKL(Divergence):
         return x_exp_m_expm1(-logr)
 
     def vocab_value(self, c: VocabChunk) -> Tensor:
-        return -c.q * c.logr
+        return torch.mul(c.q, c.logr).neg_()
 
     def vocab_dlogp(self, c: VocabChunk) -> Tensor:
         return -c.q
@@ -182,17 +182,19 @@ class _JSDFamily(Divergence):
         return self.beta * torch.exp(logr) * _log_ratio_to_mix(logr, self.beta)
 
     def _log_m(self, c: VocabChunk) -> Tensor:
-        return c.memo(
-            ("log_m", self.beta),
-            lambda: torch.logaddexp(c.logp + math.log(self.beta), c.logq + math.log1p(-self.beta)),
-        )
+        def compute() -> Tensor:
+            a = c.logp + math.log(self.beta)
+            return torch.logaddexp(a, c.logq + math.log1p(-self.beta), out=a)
+
+        return c.memo(("log_m", self.beta), compute)
 
     def vocab_value(self, c: VocabChunk) -> Tensor:
         log_m = self._log_m(c)
-        return self.beta * c.p * (c.logp - log_m) + (1.0 - self.beta) * c.q * (c.logq - log_m)
+        t = torch.sub(c.logq, log_m).mul_(c.q).mul_(1.0 - self.beta)
+        return torch.sub(c.logp, log_m).mul_(c.p).mul_(self.beta).add_(t)
 
     def vocab_dlogp(self, c: VocabChunk) -> Tensor:
-        return self.beta * c.p * (c.logp - self._log_m(c))
+        return torch.sub(c.logp, self._log_m(c)).mul_(c.p).mul_(self.beta)
 
 
 @register
@@ -211,6 +213,7 @@ class JensenShannon(_JSDFamily):
     equals = "JS(π, π_ref) = ½KL(π‖m) + ½KL(π_ref‖m), m = (π+π_ref)/2"
     notes = "= generalized_jsd(0.5)"
     beta = 0.5
+    fdpo_score_scale = 2.0  # §3: the f-DPO JS score is log σ(ℓ_w) − log σ(ℓ_l) = 2 × this f′'s margin
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,14 +294,16 @@ class Alpha(Divergence):
     def _u_f_prime(self, logr: Tensor) -> Tensor:
         return torch.exp((1.0 - self.alpha) * logr) * torch.expm1(self.alpha * logr) / self.alpha
 
+    def _w(self, c: VocabChunk) -> Tensor:
+        """w = p^{1−α} q^α (a fresh tensor)."""
+        return torch.mul(c.logp, 1.0 - self.alpha).add_(c.logq, alpha=self.alpha).exp_()
+
     def vocab_value(self, c: VocabChunk) -> Tensor:
         a = 1.0 - self.alpha
-        w = torch.exp(a * c.logp + self.alpha * c.logq)
-        return (a * c.p + self.alpha * c.q - w) / (self.alpha * a)
+        return self._w(c).neg_().add_(c.p, alpha=a).add_(c.q, alpha=self.alpha).div_(self.alpha * a)
 
     def vocab_dlogp(self, c: VocabChunk) -> Tensor:
-        w = torch.exp((1.0 - self.alpha) * c.logp + self.alpha * c.logq)
-        return (c.p - w) / self.alpha
+        return self._w(c).neg_().add_(c.p).div_(self.alpha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,10 +341,10 @@ class Jeffreys(Divergence):
         return logr * torch.exp(logr) + torch.expm1(logr)
 
     def vocab_value(self, c: VocabChunk) -> Tensor:
-        return (c.p - c.q) * c.logr
+        return torch.sub(c.p, c.q).mul_(c.logr)
 
     def vocab_dlogp(self, c: VocabChunk) -> Tensor:
-        return c.p * (c.logr + 1.0) - c.q
+        return torch.add(c.logr, 1.0).mul_(c.p).sub_(c.q)
 
 
 @register
@@ -371,11 +376,16 @@ class SquaredHellinger(Divergence):
     def _u_f_prime(self, logr: Tensor) -> Tensor:
         return torch.exp(0.5 * logr) * torch.expm1(0.5 * logr)
 
+    @staticmethod
+    def _w(c: VocabChunk) -> Tensor:
+        """w = √(pq) (a fresh tensor)."""
+        return torch.add(c.logp, c.logq).mul_(0.5).exp_()
+
     def vocab_value(self, c: VocabChunk) -> Tensor:
-        return c.p + c.q - 2.0 * torch.exp(0.5 * (c.logp + c.logq))
+        return self._w(c).mul_(-2.0).add_(c.p).add_(c.q)
 
     def vocab_dlogp(self, c: VocabChunk) -> Tensor:
-        return c.p - torch.exp(0.5 * (c.logp + c.logq))
+        return self._w(c).neg_().add_(c.p)
 
 
 @register
@@ -407,12 +417,16 @@ class NeymanChi2(Divergence):
     def _u_f_prime(self, logr: Tensor) -> Tensor:
         return torch.expm1(logr) - torch.expm1(-logr)
 
+    @staticmethod
+    def _w(c: VocabChunk) -> Tensor:
+        """w = q²/p, capped (a fresh tensor)."""
+        return torch.mul(c.logq, 2.0).sub_(c.logp).clamp_(max=c.log_cap).exp_()
+
     def vocab_value(self, c: VocabChunk) -> Tensor:
-        w = torch.exp((2.0 * c.logq - c.logp).clamp(max=c.log_cap))
-        return w - 2.0 * c.q + c.p
+        return self._w(c).add_(c.q, alpha=-2.0).add_(c.p)
 
     def vocab_dlogp(self, c: VocabChunk) -> Tensor:
-        return c.p - torch.exp((2.0 * c.logq - c.logp).clamp(max=c.log_cap))
+        return self._w(c).neg_().add_(c.p)
 
 
 @register
@@ -445,12 +459,16 @@ class PearsonChi2(Divergence):
     def _u_f_prime(self, logr: Tensor) -> Tensor:
         return 2.0 * torch.exp(logr) * torch.expm1(logr)
 
+    @staticmethod
+    def _w(c: VocabChunk) -> Tensor:
+        """w = p²/q, capped (a fresh tensor)."""
+        return torch.mul(c.logp, 2.0).sub_(c.logq).clamp_(max=c.log_cap).exp_()
+
     def vocab_value(self, c: VocabChunk) -> Tensor:
-        w = torch.exp((2.0 * c.logp - c.logq).clamp(max=c.log_cap))
-        return w - 2.0 * c.p + c.q
+        return self._w(c).add_(c.p, alpha=-2.0).add_(c.q)
 
     def vocab_dlogp(self, c: VocabChunk) -> Tensor:
-        return 2.0 * (torch.exp((2.0 * c.logp - c.logq).clamp(max=c.log_cap)) - c.p)
+        return self._w(c).sub_(c.p).mul_(2.0)
 
 
 @register
@@ -483,10 +501,10 @@ class TotalVariation(Divergence):
         return 0.5 * torch.exp(logr) * torch.sign(logr)
 
     def vocab_value(self, c: VocabChunk) -> Tensor:
-        return 0.5 * (c.p - c.q).abs()
+        return torch.sub(c.p, c.q).abs_().mul_(0.5)
 
     def vocab_dlogp(self, c: VocabChunk) -> Tensor:
-        return 0.5 * c.p * torch.sign(c.logr)
+        return torch.sign(c.logr).mul_(c.p).mul_(0.5)
 
 
 # --------------------------------------------------------------------------------------------

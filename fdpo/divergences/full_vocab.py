@@ -7,28 +7,35 @@ distillation), the second the π_ref slot (reference or teacher). Gradients flow
 argument requires them (both may: on-policy distillation with a trainable teacher, or a learned
 reference).
 
-Memory. Both functions are custom ``torch.autograd.Function`` s. The forward pass runs over
-chunks of positions and keeps no autograd graph: only the per-position log-normalisers (N floats
-per side) are saved. The backward pass recomputes each chunk and writes its gradient straight into
-one preallocated gradient buffer, so peak extra memory is about one chunk's working set
-(≈ 6 × chunk × vocab floats) instead of several full (batch, seq, vocab) tensors. Masked positions
-are skipped (value 0, gradient 0). The gradient uses closed forms, not autograd:
+Gradients use closed forms, not autograd:
 
     ∂D/∂log p_v = p_v f′(u_v) =: B_v                     (Divergence.vocab_dlogp)
     ∂D/∂log q_v = q_v f(u_v) − p_v f′(u_v) = A_v − B_v     (A = Divergence.vocab_value)
     ∂D/∂z_v     = (B_v − p_v Σ_w B_w) / T,   ∂D/∂z_ref,v = (C_v − q_v Σ_w C_w) / T,  C = A − B.
+
+Memory. Both functions are custom ``torch.autograd.Function`` s that keep no autograd graph and
+run over chunks of positions. From logits, when a gradient will be needed, the forward pass computes
+each chunk's value AND its gradient ∂D_i/∂z_i and writes the gradient straight into one
+preallocated gradient buffer (the tensor that backward returns); backward only scales row i by the
+upstream gradient g_i (exact: D_i depends on row i alone), and skips even that when g ≡ 1. So every
+chunk is computed once, and the peak memory beyond the inputs and that buffer is one chunk's working
+set. Its size is set by a memory budget (:func:`default_chunk_size`): at most ``LIVE_CHUNK_TENSORS``
+(chunk, vocab) temporaries are alive at once for any registered divergence (a test measures it with
+the allocator's own accounting), and the chunk is sized so that they fit in
+min(``CHUNK_BUDGET_BYTES``, 1/``CHUNK_BUDGET_FRACTION`` of one full (positions, vocab) tensor).
+Masked positions are skipped (value 0, gradient 0). A second backward through the same graph
+(``retain_graph=True``), or a forward run without gradients enabled, recomputes chunk by chunk.
 
 Numerics: the math runs in float32 (float64 if an input is float64) whatever the logits' dtype;
 log-probabilities are floored at ``LOG_ZERO`` = −1e4 so that −inf logits give 0 contributions
 (a token with p = 0 < q under forward KL then costs ≈ q·1e4 instead of +∞); each per-token term
 is capped at finfo.max/16/vocab so a row sum never overflows. The result is float32 (float64).
 
-Speed: per chunk the work is ~25 element-wise kernels over (chunk, vocab) tensors that fit in
-cache, so it is usually faster than the one-shot computation over full tensors (see
-``benchmarks/bench_divergences.py``). On a CPU shared with other busy processes, OpenMP's default
-spin-waiting can make each of these small parallel regions slow (seen: 10×); run with
-``OMP_WAIT_POLICY=PASSIVE`` or fewer threads (``torch.set_num_threads``), or pass a larger
-``chunk_size``.
+Speed: per chunk the work is ~15–25 element-wise kernels over (chunk, vocab) tensors that stay in
+cache, so it is faster than the one-shot computation over full tensors, which streams several
+full tensors through memory (see ``benchmarks/bench_divergences.py``). On a CPU shared with other
+busy processes, OpenMP's default spin-waiting can make each small parallel region slow (seen: 10×);
+run with ``OMP_WAIT_POLICY=PASSIVE`` or fewer threads (``torch.set_num_threads``).
 
 ``full_vocab_divergence_from_hidden`` fuses the LM-head projection: it never materialises the
 (batch, seq, vocab) logits of either model, projects chunk by chunk, and returns gradients for the
@@ -39,25 +46,47 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from fdpo.divergences.base import LOG_ZERO, Divergence, VocabChunk
 from fdpo.divergences.numerics import SAFE_FRACTION
 from fdpo.divergences.registry import resolve_divergence
 
-#: default chunk, in (position × vocab) elements: 8 MiB per float32 tensor on CPU (the working
-#: set of a chunk, ≈ 6 such tensors, stays near the last-level cache while the number of small
-#: parallel regions stays low: with OpenMP's default spin-waiting, an oversubscribed CPU makes
-#: every region slow; see the module docstring), 32 MiB on accelerators to amortise launches.
-DEFAULT_CHUNK_ELEMENTS = {"cpu": 2**21, "accelerator": 2**23}
+#: at most this many (chunk, vocab) tensors are alive at once while one chunk is computed, for
+#: every registered divergence, either side carrying the gradient (measured by
+#: tests/test_divergences_full_vocab.py with the allocator's accounting). Entries that rely on the
+#: generic ``Divergence.vocab_value``/``vocab_dlogp`` may use a few more.
+LIVE_CHUNK_TENSORS = 9
+#: cap on one chunk's working set (LIVE_CHUNK_TENSORS × chunk × vocab × itemsize), in bytes: on CPU
+#: each (chunk, vocab) tensor then stays near the per-core cache (~1 MiB), which is what makes the
+#: chunked pass faster than the one-shot computation (2-core EPYC, vocab 32000, reverse KL fwd+bwd:
+#: 7 rows per chunk was ~10% faster than 29 and ~25% faster than 128); on accelerators it is larger,
+#: to amortise kernel launches.
+CHUNK_BUDGET_BYTES = {"cpu": 8 * 2**20, "accelerator": 512 * 2**20}
+#: ... and the working set is at most this fraction of one full (positions, vocab) tensor, so that
+#: small inputs are chunked too (a one-shot computation needs at least 2 such tensors).
+CHUNK_BUDGET_FRACTION = 8
 
 
-def default_chunk_size(vocab: int, device: torch.device | str = "cpu") -> int:
-    """Positions per chunk so that a chunk holds about ``DEFAULT_CHUNK_ELEMENTS`` logits."""
+def default_chunk_size(
+    vocab: int,
+    device: torch.device | str = "cpu",
+    n_rows: int | None = None,
+    itemsize: int = 4,
+    min_rows: int = 1,
+) -> int:
+    """Positions per chunk from the memory budget: LIVE_CHUNK_TENSORS × rows × vocab × itemsize ≤
+    min(CHUNK_BUDGET_BYTES, n_rows × vocab × itemsize / CHUNK_BUDGET_FRACTION), at least ``min_rows``."""
     kind = "cpu" if torch.device(device).type == "cpu" else "accelerator"
-    return max(1, DEFAULT_CHUNK_ELEMENTS[kind] // max(vocab, 1))
+    row_bytes = max(vocab, 1) * itemsize
+    budget = CHUNK_BUDGET_BYTES[kind]
+    if n_rows is not None:
+        budget = min(budget, n_rows * row_bytes // CHUNK_BUDGET_FRACTION)
+    return max(1, min_rows, budget // (LIVE_CHUNK_TENSORS * row_bytes))
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -68,6 +97,17 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 def _log_cap(dtype: torch.dtype, vocab: int) -> float:
     return math.log(torch.finfo(dtype).max * SAFE_FRACTION / max(vocab, 1))
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every chunk of one call shares: the divergence, the temperature, the per-term cap and
+    the compute dtype."""
+
+    div: Divergence
+    temperature: float
+    log_cap: float
+    dtype: torch.dtype
 
 
 class _Plan:
@@ -95,58 +135,67 @@ class _Plan:
             stop = min(start + self.chunk_rows, self.n_valid)
             yield slice(start, stop) if self.index is None else self.index[start:stop]
 
+    def grad_buffer(self, like: Tensor) -> Tensor:
+        """The gradient tensor for ``like`` (masked rows stay 0)."""
+        return torch.empty_like(like) if self.dense else torch.zeros_like(like)
+
 
 def _rows(x: Tensor, sel: slice | Tensor) -> Tensor:
     return x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
 
 
-def _log_softmax_rows(z: Tensor, lse: Tensor | None, owned: bool) -> tuple[Tensor, Tensor]:
-    """log-softmax of a chunk (rows, vocab) floored at LOG_ZERO, and the per-row log-normaliser.
-
-    Without ``lse`` (forward pass): the fused ``log_softmax`` kernel, and lse = z_max − log p_max
-    read off at the arg-max (exact to an ulp of z_max). With ``lse`` (backward pass): z − lse,
-    in place when the chunk is a fresh tensor (``owned``).
-    """
-    if lse is None:
-        out = torch.log_softmax(z, dim=-1)
-        z_max, arg = z.max(dim=-1, keepdim=True)
-        lse = (z_max - out.gather(-1, arg)).squeeze(-1)
-    else:
-        out = z.sub_(lse.unsqueeze(-1)) if owned else z - lse.unsqueeze(-1)
-    return out.clamp_(min=LOG_ZERO), lse
+def _log_softmax(z: Tensor, dtype: torch.dtype, temperature: float, owned: bool) -> Tensor:
+    """log softmax(z / T) of a chunk (rows, vocab) in ``dtype``, floored at LOG_ZERO (a fresh tensor).
+    ``owned``: z is a temporary that may be overwritten."""
+    if z.dtype != dtype:
+        z, owned = z.to(dtype), True
+    if temperature != 1.0:
+        z = z.div_(temperature) if owned else z / temperature
+    return torch.log_softmax(z, dim=-1).clamp_(min=LOG_ZERO)
 
 
-def _chunk_value(div: Divergence, c: VocabChunk) -> Tensor:
-    return div.vocab_value(c).sum(dim=-1)
+def _chunk_terms(
+    setup: _Setup,
+    logp: Tensor,
+    logq: Tensor,
+    want_value: bool,
+    scale: Tensor | float,
+    out_p: Tensor | None,
+    out_q: Tensor | None,
+) -> Tensor | None:
+    """One chunk (rows, vocab): returns the per-row values Σ_v A_v when ``want_value``, and writes
+    scale·∂D/∂z into ``out_p`` and scale·∂D/∂z_ref into ``out_q`` (compute-dtype (rows, vocab)
+    tensors, typically views of the gradient buffers) when given. ``scale``: a number or (rows, 1).
 
-
-def _chunk_grads(
-    div: Divergence,
-    c: VocabChunk,
-    scale: Tensor,
-    need_p: bool,
-    need_q: bool,
-    out_p: Tensor | None = None,
-    out_q: Tensor | None = None,
-) -> tuple[Tensor | None, Tensor | None]:
-    """d(Σ_rows scale·D)/dz for both sides of one chunk (rows, vocab), in the compute dtype.
-
-    ``out_p``/``out_q``: optional slices of the gradient buffers (same dtype) written in place,
-    which saves a copy; the returned tensors are then those slices.
-    """
+    Few live temporaries: A is freed as soon as it is summed unless C = A − B needs it, and both
+    gradients are formed directly in their output tensors."""
+    div = setup.div
+    c = VocabChunk(logp, logq, setup.log_cap)
+    value = None
+    a = None
+    if want_value or out_q is not None:
+        a = div.vocab_value(c)
+        if want_value:
+            value = a.sum(dim=-1)
+        if out_q is None:
+            a = None
+    if out_p is None and out_q is None:
+        return value
     b = div.vocab_dlogp(c)
-    if b._base is not None or any(b is t for t in (*c.__dict__.values(), *c._memo.values())):
-        b = b.clone()  # never modify a cached intermediate in place
-    gq = None
-    if need_q:
-        gq = div.vocab_value(c) - b
-        gq.addcmul_(c.q, gq.sum(dim=-1, keepdim=True), value=-1.0)
-        gq = torch.mul(gq, scale, out=out_q) if out_q is not None else gq.mul_(scale)
-    gp = None
-    if need_p:
-        b.addcmul_(c.p, b.sum(dim=-1, keepdim=True), value=-1.0)
-        gp = torch.mul(b, scale, out=out_p) if out_p is not None else b.mul_(scale)
-    return gp, gq
+    if out_q is not None:
+        torch.sub(a, b, out=out_q)
+        a = None
+        out_q.addcmul_(c.q, out_q.sum(dim=-1, keepdim=True), value=-1.0)
+        _scale(out_q, scale)
+    if out_p is not None:
+        torch.addcmul(b, c.p, b.sum(dim=-1, keepdim=True), value=-1.0, out=out_p)
+        _scale(out_p, scale)
+    return value
+
+
+def _scale(x: Tensor, scale: Tensor | float) -> None:
+    if isinstance(scale, Tensor) or scale != 1.0:
+        x.mul_(scale)
 
 
 def _store(buf: Tensor, sel: slice | Tensor, value: Tensor) -> None:
@@ -157,11 +206,28 @@ def _store(buf: Tensor, sel: slice | Tensor, value: Tensor) -> None:
         buf.index_copy_(0, sel, value.to(buf.dtype))
 
 
-def _out_slice(buf: Tensor | None, sel: slice | Tensor, dtype: torch.dtype) -> Tensor | None:
-    """A writable view of the buffer rows for ``sel`` when results can go there directly."""
-    if buf is None or not isinstance(sel, slice) or buf.dtype != dtype:
+def _out_rows(
+    buf: Tensor | None, sel: slice | Tensor, rows: int, vocab: int, dtype: torch.dtype
+) -> Tensor | None:
+    """Where a chunk's gradient is written: the buffer rows themselves when possible, else a temporary."""
+    if buf is None:
         return None
-    return buf[sel]
+    if isinstance(sel, slice) and buf.dtype == dtype:
+        return buf[sel]
+    return torch.empty(rows, vocab, dtype=dtype, device=buf.device)
+
+
+def _chunk_scale(scale_all: Tensor | float, sel: slice | Tensor) -> Tensor | float:
+    return _rows(scale_all, sel).unsqueeze(-1) if isinstance(scale_all, Tensor) else scale_all
+
+
+def _scale_rows(grads: tuple[Tensor | None, ...], grad_out: Tensor) -> None:
+    """Row i of each gradient buffer times grad_out[i] (skipped when grad_out ≡ 1)."""
+    if bool((grad_out == 1).all()):
+        return
+    for g in grads:
+        if g is not None:
+            g.mul_(grad_out.reshape(-1, *([1] * (g.dim() - 1))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +235,44 @@ def _out_slice(buf: Tensor | None, sel: slice | Tensor, dtype: torch.dtype) -> T
 # ---------------------------------------------------------------------------------------------
 
 
+def _logits_pass(
+    z: Tensor,
+    zr: Tensor,
+    plan: _Plan,
+    setup: _Setup,
+    want_value: bool,
+    scale_all: Tensor | float,
+    gz: Tensor | None,
+    gzr: Tensor | None,
+) -> Tensor | None:
+    """One pass over the chunks: per-position values (when ``want_value``) and, into ``gz``/``gzr``,
+    the rows scale_i·∂D_i/∂z_i and scale_i·∂D_i/∂z_ref,i."""
+    n, vocab = z.shape
+    cdtype, temperature = setup.dtype, setup.temperature
+    out = torch.zeros(n, dtype=cdtype, device=z.device) if want_value else None
+    with torch.no_grad():
+        for sel in plan.chunks():
+            owned = not isinstance(sel, slice)
+            logp = _log_softmax(_rows(z, sel), cdtype, temperature, owned)
+            logq = _log_softmax(_rows(zr, sel), cdtype, temperature, owned)
+            rows = logp.shape[0]
+            out_p = _out_rows(gz, sel, rows, vocab, cdtype)
+            out_q = _out_rows(gzr, sel, rows, vocab, cdtype)
+            d = _chunk_terms(setup, logp, logq, want_value, _chunk_scale(scale_all, sel), out_p, out_q)
+            del logp, logq
+            if out is not None:
+                _store(out, sel, d)
+            if out_p is not None:
+                _store(gz, sel, out_p)
+            if out_q is not None:
+                _store(gzr, sel, out_q)
+    return out
+
+
 class _FullVocabFromLogits(torch.autograd.Function):
+    """Values per position. With ``eager`` (a gradient will be needed), the gradients of each row are
+    computed in the same pass, into the buffers backward returns after scaling their rows."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
@@ -179,75 +282,34 @@ class _FullVocabFromLogits(torch.autograd.Function):
         div: Divergence,
         chunk_rows: int,
         temperature: float,
+        eager: tuple[bool, bool],
     ) -> Tensor:
         n, vocab = z.shape
         cdtype = _compute_dtype(z, zr)
+        setup = _Setup(div, temperature, _log_cap(cdtype, vocab), cdtype)
         plan = _Plan(n, mask, chunk_rows, z.device)
-        log_cap = _log_cap(cdtype, vocab)
-        out = torch.zeros(n, dtype=cdtype, device=z.device)
-        lse = torch.zeros(2, n, dtype=cdtype, device=z.device)
-        with torch.no_grad():
-            for sel in plan.chunks():
-                zp, zq = (_scaled_rows(t, sel, cdtype, temperature) for t in (z, zr))
-                logp, lse_p = _log_softmax_rows(zp[0], None, zp[1])
-                logq, lse_q = _log_softmax_rows(zq[0], None, zq[1])
-                d = _chunk_value(div, VocabChunk(logp, logq, log_cap))
-                if plan.dense:
-                    out[sel], lse[0, sel], lse[1, sel] = d, lse_p, lse_q
-                else:
-                    out.index_copy_(0, sel, d)
-                    lse[0].index_copy_(0, sel, lse_p)
-                    lse[1].index_copy_(0, sel, lse_q)
-        ctx.save_for_backward(z, zr, lse)
-        ctx.plan, ctx.div, ctx.temperature, ctx.log_cap = plan, div, temperature, log_cap
+        gz = plan.grad_buffer(z) if eager[0] else None
+        gzr = plan.grad_buffer(zr) if eager[1] else None
+        out = _logits_pass(z, zr, plan, setup, True, 1.0 / temperature, gz, gzr)
+        ctx.save_for_backward(z, zr)
+        ctx.plan, ctx.setup, ctx.eager_grads = plan, setup, (gz, gzr)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        z, zr, lse = ctx.saved_tensors
-        need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        plan: _Plan = ctx.plan
-        cdtype = lse.dtype
-        gz = gzr = None
-        if need_p:
-            gz = torch.empty_like(z) if plan.dense else torch.zeros_like(z)
-        if need_q:
-            gzr = torch.empty_like(zr) if plan.dense else torch.zeros_like(zr)
-        scale_all = grad_out.to(cdtype) / ctx.temperature
-        with torch.no_grad():
-            for sel in plan.chunks():
-                zp, zq = (_scaled_rows(t, sel, cdtype, ctx.temperature) for t in (z, zr))
-                logp, _ = _log_softmax_rows(zp[0], _rows(lse[0], sel), zp[1])
-                logq, _ = _log_softmax_rows(zq[0], _rows(lse[1], sel), zq[1])
-                c = VocabChunk(logp, logq, ctx.log_cap)
-                gp, gq = _chunk_grads(
-                    ctx.div,
-                    c,
-                    _rows(scale_all, sel).unsqueeze(-1),
-                    need_p,
-                    need_q,
-                    out_p=_out_slice(gz, sel, cdtype),
-                    out_q=_out_slice(gzr, sel, cdtype),
-                )
-                if gp is not None:
-                    _store(gz, sel, gp)
-                if gq is not None:
-                    _store(gzr, sel, gq)
-        return gz, gzr, None, None, None, None
-
-
-def _scaled_rows(
-    x: Tensor, sel: slice | Tensor, dtype: torch.dtype, temperature: float
-) -> tuple[Tensor, bool]:
-    """Rows of ``x`` in ``dtype`` divided by T; also whether the result is a fresh tensor we own."""
-    rows = _rows(x, sel)
-    owned = not isinstance(sel, slice)
-    if rows.dtype != dtype:
-        rows, owned = rows.to(dtype), True
-    if temperature != 1.0:
-        rows = rows.div_(temperature) if owned else rows / temperature
-        owned = True
-    return rows, owned
+        need = ctx.needs_input_grad[:2]
+        grads, ctx.eager_grads = ctx.eager_grads, (None, None)  # give the buffers away (no copy)
+        if all(g is not None or not nd for g, nd in zip(grads, need)):
+            grads = tuple(g if nd else None for g, nd in zip(grads, need))
+            _scale_rows(grads, grad_out)
+            return (*grads, None, None, None, None, None)
+        z, zr = ctx.saved_tensors  # no eager gradients (or a second backward): recompute
+        gz = ctx.plan.grad_buffer(z) if need[0] else None
+        gzr = ctx.plan.grad_buffer(zr) if need[1] else None
+        scale_all = grad_out.to(ctx.setup.dtype) / ctx.setup.temperature
+        _logits_pass(z, zr, ctx.plan, ctx.setup, False, scale_all, gz, gzr)
+        return gz, gzr, None, None, None, None, None
 
 
 def full_vocab_divergence(
@@ -267,11 +329,15 @@ def full_vocab_divergence(
             Either or both may require grad.
         divergence: a registered name/label (``"js"``, ``"alpha(0.5)"``) or a :class:`Divergence`.
         mask: optional (...) bool/0-1 tensor; positions where it is 0 give 0 and no gradient.
-        chunk_size: positions per chunk (default: :func:`default_chunk_size`).
+        chunk_size: positions per chunk (default: :func:`default_chunk_size`, from a memory budget).
         temperature: both distributions are softmax(logits / temperature).
 
     Returns:
         (...) tensor of per-position divergences, float32 (float64 for float64 inputs).
+
+    When grad is enabled and a side requires it, its gradient is computed in this forward pass
+    (held until backward, which returns it; see the module docstring). For a value that is only
+    logged, call it under ``torch.no_grad()`` or on detached logits, so that no gradient is made.
 
     Distillation: ``full_vocab_divergence(student_logits, teacher_logits, "forward_kl")`` is
     KL(teacher ‖ student), ``"reverse_kl"`` is KL(student ‖ teacher), ``generalized_jsd(β)``
@@ -288,7 +354,10 @@ def full_vocab_divergence(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     lead, vocab = policy_logits.shape[:-1], policy_logits.shape[-1]
     flat_mask = _flat_mask(mask, lead)
-    rows = chunk_size or default_chunk_size(vocab, policy_logits.device)
+    cdtype = _compute_dtype(policy_logits, ref_logits)
+    n_rows = policy_logits.numel() // max(vocab, 1)
+    rows = chunk_size or default_chunk_size(vocab, policy_logits.device, n_rows, cdtype.itemsize)
+    grad_on = torch.is_grad_enabled()
     out = _FullVocabFromLogits.apply(
         policy_logits.reshape(-1, vocab),
         ref_logits.reshape(-1, vocab),
@@ -296,6 +365,7 @@ def full_vocab_divergence(
         div,
         int(rows),
         float(temperature),
+        (grad_on and policy_logits.requires_grad, grad_on and ref_logits.requires_grad),
     )
     return out.reshape(lead)
 
@@ -312,22 +382,22 @@ def _flat_mask(mask: Tensor | None, lead: torch.Size) -> Tensor | None:
 # from hidden states (fused LM-head projection)
 # ---------------------------------------------------------------------------------------------
 
+#: the fused path needs enough rows per chunk for the LM-head gradient dW += dzᵀh (a read-modify-
+#: write of the whole (vocab, hidden) accumulator per chunk) to be compute- rather than memory-bound.
+MIN_HIDDEN_CHUNK_ROWS = 64
 
-def _project(
+
+def _project_log_softmax(
     h: Tensor, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype, temperature: float
 ) -> Tensor:
-    """(rows, H) @ (V, H)ᵀ (+ b), in the weights' dtype like the model's own LM head, then the
-    compute dtype, divided by T. Returns a fresh tensor. Without a weight, ``h`` already holds
-    (rows, V) logits or log-probabilities."""
+    """log softmax((h Wᵀ + b)/T) of one chunk: the projection in the weights' dtype like the model's
+    own LM head, the rest in the compute dtype. Without a weight, ``h`` already holds (rows, V)
+    logits or log-probabilities."""
     if weight is None:
-        z = h.to(dtype, copy=True)
-        return z.div_(temperature) if temperature != 1.0 else z
+        return _log_softmax(h, dtype, temperature, owned=False)
     h = h.to(weight.dtype)
     z = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-    z = z.to(dtype)
-    if temperature != 1.0:
-        z = z.div_(temperature)
-    return z
+    return _log_softmax(z, dtype, temperature, owned=True)
 
 
 def _zeros_like_if(x: Tensor | None, needed: bool, dtype: torch.dtype) -> Tensor | None:
@@ -335,51 +405,42 @@ def _zeros_like_if(x: Tensor | None, needed: bool, dtype: torch.dtype) -> Tensor
 
 
 def _hidden_pass(
-    tensors: tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor | None],
+    tensors: tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None],
     plan: _Plan,
-    div: Divergence,
-    temperature: float,
-    log_cap: float,
-    cdtype: torch.dtype,
-    lse: Tensor | None,
+    setup: _Setup,
+    want_value: bool,
     scale_all: Tensor | None,
     needs: tuple[bool, ...],
-) -> tuple[Tensor, Tensor, list[Tensor | None]]:
-    """One pass over the chunks: values (when ``lse`` is None, filling it) and, when ``scale_all``
-    is given, the gradients Σ_i scale_i ∂D_i/∂(h, W, b, h_ref, W_ref, b_ref) for ``needs``."""
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """One pass over the chunks: values (when ``want_value``) and, when ``scale_all`` is given, the
+    gradients Σ_i scale_i ∂D_i/∂(h, W, b, h_ref, W_ref, b_ref) for ``needs``."""
     h, w, b, hr, wr, br = tensors
-    n = h.shape[0]
-    out = torch.zeros(n, dtype=cdtype, device=h.device)
-    fill = lse is None
-    if fill:
-        lse = torch.zeros(2, n, dtype=cdtype, device=h.device)
+    n, cdtype, temperature = h.shape[0], setup.dtype, setup.temperature
+    needs = needs or (False,) * 6
+    out = torch.zeros(n, dtype=cdtype, device=h.device) if want_value else None
     acc = torch.float64 if cdtype == torch.float64 else torch.float32
     grads = [_zeros_like_if(t, scale_all is not None and need, acc) for t, need in zip(tensors, needs)]
     need_p, need_q = scale_all is not None and any(needs[0:3]), scale_all is not None and any(needs[3:6])
     for sel in plan.chunks():
         hs, hrs = _rows(h, sel), _rows(hr, sel)
-        known = (None, None) if fill else (_rows(lse[0], sel), _rows(lse[1], sel))
-        logp, lse_p = _log_softmax_rows(_project(hs, w, b, cdtype, temperature), known[0], True)
-        logq, lse_q = _log_softmax_rows(_project(hrs, wr, br, cdtype, temperature), known[1], True)
-        c = VocabChunk(logp, logq, log_cap)
-        if fill:
-            d = _chunk_value(div, c)
-            if plan.dense:
-                out[sel], lse[0, sel], lse[1, sel] = d, lse_p, lse_q
-            else:
-                out.index_copy_(0, sel, d)
-                lse[0].index_copy_(0, sel, lse_p)
-                lse[1].index_copy_(0, sel, lse_q)
-        if need_p or need_q:
-            gp, gq = _chunk_grads(div, c, _rows(scale_all, sel).unsqueeze(-1), need_p, need_q)
-            del c, logp, logq
-            _accumulate(gp, hs, w, sel, *grads[0:3])
-            _accumulate(gq, hrs, wr, sel, *grads[3:6])
-    return out, lse, grads
+        logp = _project_log_softmax(hs, w, b, cdtype, temperature)
+        logq = _project_log_softmax(hrs, wr, br, cdtype, temperature)
+        gp = torch.empty_like(logp) if need_p else None
+        gq = torch.empty_like(logq) if need_q else None
+        scale = _rows(scale_all, sel).unsqueeze(-1) if scale_all is not None else 1.0
+        d = _chunk_terms(setup, logp, logq, want_value, scale, gp, gq)
+        del logp, logq
+        if out is not None:
+            _store(out, sel, d)
+        _accumulate(gp, hs, w, sel, *grads[0:3])
+        del gp
+        _accumulate(gq, hrs, wr, sel, *grads[3:6])
+    return out, grads
 
 
 class _FullVocabFromHidden(torch.autograd.Function):
-    """Per-position values, gradients recomputed chunk by chunk in backward; or, with ``weights``
+    """Per-position values, gradients recomputed chunk by chunk in backward (the LM-head gradient
+    Σ_i g_i ∂D_i/∂W needs the upstream g before the sum over positions); or, with ``weights``
     given (a weighted sum is wanted), one scalar Σ_i w_i D_i whose gradients are computed in the
     same pass as the value (no recomputation; backward only scales them by the upstream scalar)."""
 
@@ -390,7 +451,7 @@ class _FullVocabFromHidden(torch.autograd.Function):
         w: Tensor,
         b: Tensor | None,
         hr: Tensor,
-        wr: Tensor,
+        wr: Tensor | None,
         br: Tensor | None,
         mask: Tensor | None,
         weights: Tensor | None,
@@ -401,45 +462,45 @@ class _FullVocabFromHidden(torch.autograd.Function):
     ) -> Tensor:
         tensors = (h, w, b, hr, wr, br)
         cdtype = _compute_dtype(h, w, hr, wr)
+        setup = _Setup(div, temperature, _log_cap(cdtype, w.shape[0]), cdtype)
         plan = _Plan(h.shape[0], mask, chunk_rows, h.device)
-        log_cap = _log_cap(cdtype, w.shape[0])
-        ctx.plan, ctx.div, ctx.temperature, ctx.log_cap = plan, div, temperature, log_cap
+        ctx.plan, ctx.setup = plan, setup
         ctx.reduced = weights is not None
+        ctx.save_for_backward(h, w, b, hr, wr, br)
+        ctx.eager_grads = None
         with torch.no_grad():
             if weights is None:
-                out, lse, _ = _hidden_pass(tensors, plan, div, temperature, log_cap, cdtype, None, None, ())
-                ctx.save_for_backward(h, w, b, hr, wr, br, lse)
-                ctx.eager_grads = None
+                # per-position values: gradients that are per-row (hidden states, reference logits)
+                # can be computed now and scaled by the upstream gradient in backward; an LM-head
+                # gradient Σ_i g_i ∂D_i/∂W cannot, so then backward recomputes
+                needs = tuple(t is not None and t.requires_grad for t in tensors) if eager else (False,) * 6
+                rows_only = any(needs) and not any(needs[i] for i in (1, 2, 4, 5))
+                scale = torch.full((h.shape[0],), 1.0 / temperature, dtype=cdtype, device=h.device)
+                out, grads = _hidden_pass(
+                    tensors, plan, setup, True, scale if rows_only else None, needs if rows_only else ()
+                )
+                ctx.eager_grads = grads if rows_only else None
                 return out
             scale = weights.reshape(-1).to(cdtype) / temperature
             needs = tuple(t is not None and t.requires_grad for t in tensors) if eager else (False,) * 6
-            out, lse, grads = _hidden_pass(
-                tensors, plan, div, temperature, log_cap, cdtype, None, scale, needs
-            )
-            ctx.eager_grads = grads
-            ctx.save_for_backward(h, w, b, hr, wr, br, lse)
+            out, grads = _hidden_pass(tensors, plan, setup, True, scale, needs)
+            ctx.eager_grads = grads if eager else None
             ctx.scale = scale
             return (out * weights.reshape(-1).to(cdtype)).sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        h, w, b, hr, wr, br, lse = ctx.saved_tensors
-        tensors = (h, w, b, hr, wr, br)
+        tensors = ctx.saved_tensors
         nig = ctx.needs_input_grad[:6]
-        if ctx.eager_grads is not None and all(
-            g is not None or not need for g, need in zip(ctx.eager_grads, nig)
-        ):
-            grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.eager_grads]
+        grads, ctx.eager_grads = ctx.eager_grads, None
+        if grads is not None and all(g is not None or not need for g, need in zip(grads, nig)):
+            _scale_rows(tuple(grads), grad_out.reshape(1) if ctx.reduced else grad_out)
         else:
-            if ctx.reduced:
-                scale_all = ctx.scale * grad_out.to(lse.dtype)
-            else:
-                scale_all = grad_out.to(lse.dtype) / ctx.temperature
+            g = grad_out.to(ctx.setup.dtype)
+            scale_all = ctx.scale * g if ctx.reduced else g / ctx.setup.temperature
             with torch.no_grad():
-                _, _, grads = _hidden_pass(
-                    tensors, ctx.plan, ctx.div, ctx.temperature, ctx.log_cap, lse.dtype, lse, scale_all, nig
-                )
-        ctx.eager_grads = None
+                _, grads = _hidden_pass(tensors, ctx.plan, ctx.setup, False, scale_all, nig)
         out = [
             None if (g is None or t is None or not need) else g.to(t.dtype)
             for g, t, need in zip(grads, tensors, nig)
@@ -499,7 +560,8 @@ def full_vocab_divergence_from_hidden(
     whichever side requires grad are accumulated in float32 and returned in their own dtype.
 
     ``reduction="none"`` returns (...) per-position values (masked positions 0); the backward pass
-    recomputes both projections chunk by chunk. ``reduction="sum"`` returns the scalar
+    recomputes both projections chunk by chunk when an LM head requires grad (its gradient
+    Σ_i g_i ∂D_i/∂W needs the upstream g_i), else the per-row gradients are made in the forward pass. ``reduction="sum"`` returns the scalar
     Σ_positions weights · D (``weights`` (...) defaults to 1, masked positions excluded) and, when
     gradients are needed, computes them in the same pass as the value: no recomputation, so about
     a third fewer matrix products, for the usual case of a loss that is a weighted sum (e.g.
@@ -531,7 +593,13 @@ def full_vocab_divergence_from_hidden(
     if reduction == "sum" and weights is None:
         weights = torch.ones(lead, dtype=torch.float32, device=hidden.device)
     vocab = lm_head_weight.shape[0]
-    rows = chunk_size or default_chunk_size(vocab, hidden.device)
+    rows = chunk_size or default_chunk_size(
+        vocab,
+        hidden.device,
+        hidden.numel() // max(hidden.shape[-1], 1),
+        _compute_dtype(hidden, lm_head_weight).itemsize,
+        min_rows=MIN_HIDDEN_CHUNK_ROWS,
+    )
     inputs = (hidden, lm_head_weight, lm_head_bias, ref_hidden, ref_lm_head_weight, ref_lm_head_bias)
     eager = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     out = _FullVocabFromHidden.apply(

@@ -26,8 +26,9 @@ and robust; for TRL's length-normalised IPO it does not, and this choice is TRL'
 
 Why `c_f`: the f-DPO paper and TRL write Jensen–Shannon with the generator u log u − (1+u) log((1+u)/2),
 twice the registry's ½[…] (objectives.md §0 note). §3 fixes the f-DPO JS score as log σ(ℓ_w) − log σ(ℓ_l),
-so c_js = 2; every other divergence uses c_f = 1, i.e. the registry's f′ (so `generalized_jsd(0.5)`, the
-registry's ½-JS, gives half the `js` score: the same loss with β halved).
+so c_js = 2. c_f is the registry entry's `fdpo_score_scale` field: 2.0 for `js`, 1.0 for every other
+entry, i.e. the registry's f′ (so `generalized_jsd(0.5)`, the registry's ½-JS, gives half the `js` score:
+the same loss with β halved).
 
 In terms of ℓ (c_f and f′(1) applied):
     reverse_kl  s = ℓ                        (standard DPO)
@@ -64,9 +65,6 @@ import torch.nn.functional as F
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "robust")
 DEFAULT_SCORE_CAP = 1e10
 
-# f-DPO-paper (and TRL) scale of a generator relative to the registry's f (see the module docstring).
-F_DPO_GENERATOR_SCALE: Mapping[str, float] = {"js": 2.0}
-
 _SEARCH_BOUND = 1e6  # |ℓ| beyond which no threshold is searched (the registry caps |ℓ| there too)
 
 
@@ -76,6 +74,7 @@ class Divergence(Protocol):
     canonical: str
     label: str
     f_dpo_valid: bool
+    fdpo_score_scale: float  # c_f: the f-DPO score's factor on f′ (module docstring)
 
     def f(self, logr: torch.Tensor) -> torch.Tensor: ...
 
@@ -152,7 +151,7 @@ class FDPOScore:
             raise ValueError(f"score_cap must be a positive finite number, got {score_cap!r}")
         self.divergence = d
         self.score_cap = float(score_cap)
-        self.scale = float(F_DPO_GENERATOR_SCALE.get(d.canonical, 1.0))
+        self.scale = float(d.fdpo_score_scale)
         self.offset = _f_prime64(d, 0.0)  # f′(1)
         self.lo, self.s_lo, self.slope_lo = self._threshold(-1.0)
         self.hi, self.s_hi, self.slope_hi = self._threshold(+1.0)
