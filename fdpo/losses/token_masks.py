@@ -56,7 +56,12 @@ class TokenMaskNetworks(nn.Module):
     "independent" (one network per target); ``targets`` ⊆ {"reward", "kl"}."""
 
     def __init__(
-        self, hidden_size: int, num_layers: int, *, mode: str = "common", targets: Sequence[str] = MASK_TARGETS
+        self,
+        hidden_size: int,
+        num_layers: int,
+        *,
+        mode: str = "common",
+        targets: Sequence[str] = MASK_TARGETS,
     ) -> None:
         super().__init__()
         if mode not in ("common", "independent"):
@@ -64,7 +69,9 @@ class TokenMaskNetworks(nn.Module):
         targets = tuple(targets)
         bad = [t for t in targets if t not in MASK_TARGETS]
         if bad or not targets or len(set(targets)) != len(targets):
-            raise ValueError(f"mask_targets must be a non-empty subset of {list(MASK_TARGETS)}, got {list(targets)}")
+            raise ValueError(
+                f"mask_targets must be a non-empty subset of {list(MASK_TARGETS)}, got {list(targets)}"
+            )
         self.mode, self.targets = mode, targets
         names = ("common",) if mode == "common" else targets
         self.nets = nn.ModuleDict({n: SparseTokenMask(hidden_size, num_layers) for n in names})
@@ -104,9 +111,11 @@ def activation_mask(activations: dict[str, Sequence[Tensor]], completion_mask: T
     tensors (..., T, F) (or already feature-averaged (..., T)); each is reduced to its feature mean,
     min–max scaled over the completion, averaged within its type, then across types. Detached."""
     per_type = []
-    for kind, layers in activations.items():
+    for layers in activations.values():
         scaled = [
-            minmax_over_completion(a.float().mean(dim=-1) if a.dim() == completion_mask.dim() + 1 else a, completion_mask)
+            minmax_over_completion(
+                a.float().mean(dim=-1) if a.dim() == completion_mask.dim() + 1 else a, completion_mask
+            )
             for a in layers
         ]
         if not scaled:

@@ -95,7 +95,8 @@ class TokenDPOConfig(FDPOConfig):
         metadata={"help": "λ_u: L1 weight on the reward mask (per pair, summed over completion tokens)."},
     )
     l1_kl: float = field(
-        default=0.0, metadata={"help": "λ_d: L1 weight on the KL mask (per pair, summed over completion tokens)."}
+        default=0.0,
+        metadata={"help": "λ_d: L1 weight on the KL mask (per pair, summed over completion tokens)."},
     )
     mask_weight_decay: float = field(
         default=0.01,
@@ -113,12 +114,16 @@ class TokenDPOConfig(FDPOConfig):
     )
     kl_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Positions per chunk of the full-vocabulary term (None: about 2M logits per chunk)."},
+        metadata={
+            "help": "Positions per chunk of the full-vocabulary term (None: about 2M logits per chunk)."
+        },
     )
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"TokenDPOConfig: objective must be one of {list(OBJECTIVES)}, got {self.objective!r}.")
+            raise ValueError(
+                f"TokenDPOConfig: objective must be one of {list(OBJECTIVES)}, got {self.objective!r}."
+            )
         if self.mask not in MASKS:
             raise ValueError(f"TokenDPOConfig: mask must be one of {list(MASKS)}, got {self.mask!r}.")
         if self.objective in ("tdpo1", "tdpo2") and self.mask != "none":
@@ -132,7 +137,9 @@ class TokenDPOConfig(FDPOConfig):
                 f"TokenDPOConfig: mask_targets must be a non-empty subset of {list(MASK_TARGETS)}, got {targets}."
             )
         if self.mask_mode not in ("common", "independent"):
-            raise ValueError(f"TokenDPOConfig: mask_mode must be 'common' or 'independent', got {self.mask_mode!r}.")
+            raise ValueError(
+                f"TokenDPOConfig: mask_mode must be 'common' or 'independent', got {self.mask_mode!r}."
+            )
         for name in ("l1_reward", "l1_kl", "mask_weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TokenDPOConfig: {name} must be ≥ 0, got {getattr(self, name)}.")
@@ -195,7 +202,9 @@ def _content(message: Any) -> str:
     return "".join(m["content"] for m in message if m.get("role") == "assistant")
 
 
-def decisive_token_flags(tokenizer: Any, completion_ids: list[int], content: str, spans: list[list[int]]) -> list[int]:
+def decisive_token_flags(
+    tokenizer: Any, completion_ids: list[int], content: str, spans: list[list[int]]
+) -> list[int]:
     """1 for each completion token whose decoded characters overlap a decisive ``[start, end)`` span of
     ``content`` (the completion text); all 0 when the content cannot be located in the decoded tokens."""
     decoded = [tokenizer.decode(completion_ids[:k]) for k in range(len(completion_ids) + 1)]
@@ -229,7 +238,10 @@ class TokenDPOTrainer(FDPOTrainer):
         if config.mask == "sparse":
             ref_cfg = (self.ref_model if self.ref_model is not None else self.model).config.get_text_config()
             self.token_masks = TokenMaskNetworks(
-                ref_cfg.hidden_size, ref_cfg.num_hidden_layers, mode=config.mask_mode, targets=config.mask_targets
+                ref_cfg.hidden_size,
+                ref_cfg.num_hidden_layers,
+                mode=config.mask_mode,
+                targets=config.mask_targets,
             ).to(self.accelerator.device)
         self.data_collator = _DecisiveCollator(self.data_collator)
 
@@ -244,7 +256,10 @@ class TokenDPOTrainer(FDPOTrainer):
         def flags(example):
             return {
                 f"{side}_decisive": decisive_token_flags(
-                    tokenizer, example[f"{side}_ids"], _content(example[side]), example[f"{side}_decisive_spans"]
+                    tokenizer,
+                    example[f"{side}_ids"],
+                    _content(example[side]),
+                    example[f"{side}_decisive_spans"],
                 )
                 for side in ("chosen", "rejected")
             }
@@ -309,7 +324,9 @@ class TokenDPOTrainer(FDPOTrainer):
 
         stack = contextlib.ExitStack()
         stack.enter_context(torch.no_grad())
-        stack.enter_context(disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs))
+        stack.enter_context(
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
+        )
         if self.ref_model is None:  # PEFT: the base with the adapter disabled
             unwrapped = self.accelerator.unwrap_model(self.model)
             stack.enter_context(
@@ -353,7 +370,9 @@ class TokenDPOTrainer(FDPOTrainer):
             h = outputs.hidden_states[-1][:, -1].to(weight.dtype)
             mine = torch.nn.functional.linear(h, weight, bias).float()
             theirs = outputs.logits[:, -1].float()
-            if not torch.allclose(mine, theirs, rtol=1e-2, atol=1e-2 * float(theirs.abs().max().clamp_min(1))):
+            if not torch.allclose(
+                mine, theirs, rtol=1e-2, atol=1e-2 * float(theirs.abs().max().clamp_min(1))
+            ):
                 raise NotImplementedError(
                     "TokenDPOTrainer: this model's logits are not `lm_head(last hidden state)` (logit scaling or "
                     "soft-capping); token-level objectives do not support it yet."
@@ -364,7 +383,9 @@ class TokenDPOTrainer(FDPOTrainer):
         from trl.kernels import ChunkedLogProbFunction
 
         outputs = ("log_probs", "entropy", "mean_logits", "is_top1") if stats else ("log_probs",)
-        return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, _LOGPROB_CHUNK, None, 1.0, outputs)
+        return ChunkedLogProbFunction.apply(
+            hidden, weight, bias, targets, 1.0, _LOGPROB_CHUNK, None, 1.0, outputs
+        )
 
     def _compute_loss(self, model, inputs, return_outputs):
         if self.token_objective == "fdpo":
@@ -471,9 +492,12 @@ class TokenDPOTrainer(FDPOTrainer):
             log[name].append(gather(values).float().mean().item())
         kl_seq = (kl.detach() * shift_mask).sum(dim=1)
         log[f"div/{self.args.token_divergence}"].append(gather(kl_seq).float().mean().item())
-        chosen_logps, rejected_logps = torch.zeros(shift_mask.shape, device=logps.device).masked_scatter(
-            shift_mask, logps.detach().float()
-        ).sum(dim=1).chunk(2)
+        chosen_logps, rejected_logps = (
+            torch.zeros(shift_mask.shape, device=logps.device)
+            .masked_scatter(shift_mask, logps.detach().float())
+            .sum(dim=1)
+            .chunk(2)
+        )
         log["logps/chosen"].append(gather(chosen_logps).mean().item())
         log["logps/rejected"].append(gather(rejected_logps).mean().item())
         decisive_shift = None if decisive is None else decisive[:, 1:].bool()
