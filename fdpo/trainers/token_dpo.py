@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers import TrainerCallback
 
 from fdpo.losses.token_level import (
     DEFAULT_TOKEN_DIVERGENCE,
@@ -218,6 +219,17 @@ def decisive_token_flags(
     return flags
 
 
+class _ZeroMaskGradients(TrainerCallback):
+    """The Trainer zeroes only the model's gradients after each optimizer step; the mask networks live beside
+    the model, so their gradients are cleared here (else they would accumulate across steps)."""
+
+    def __init__(self, masks: torch.nn.Module) -> None:
+        self.masks = masks
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.masks.zero_grad(set_to_none=True)
+
+
 class TokenDPOTrainer(FDPOTrainer):
     """TDPO1 / TDPO2 / SparsePO / MaPO (``objective``, ``mask``); ``objective: fdpo`` is FDPOTrainer."""
 
@@ -243,6 +255,7 @@ class TokenDPOTrainer(FDPOTrainer):
                 mode=config.mask_mode,
                 targets=config.mask_targets,
             ).to(self.accelerator.device)
+            self.add_callback(_ZeroMaskGradients(self.token_masks))
         self.data_collator = _DecisiveCollator(self.data_collator)
 
     # ------------------------------------------------------------------ data: decisive spans → tokens
@@ -308,6 +321,14 @@ class TokenDPOTrainer(FDPOTrainer):
         from safetensors.torch import load_file
 
         self.token_masks.load_state_dict(load_file(path, device=str(self.accelerator.device)))
+
+    def _clip_grad_norm(self, model):
+        """The model's gradients as the Trainer clips them; the mask networks' gradients clipped on their own
+        to the same ``max_grad_norm`` (the logged grad_norm is the model's)."""
+        norm = super()._clip_grad_norm(model)
+        if self.token_masks is not None:
+            torch.nn.utils.clip_grad_norm_(self.token_masks.parameters(), self.args.max_grad_norm)
+        return norm
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
