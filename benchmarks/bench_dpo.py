@@ -23,6 +23,7 @@ gradients and optimizer state of the steps (the same optimizer state for every v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -170,10 +171,8 @@ def memory_worker(variant: str, model_dir: str, batch: int, threads: int) -> Non
     with tempfile.TemporaryDirectory() as tmp:
         trainer, inputs = build_trainer(variant, Path(model_dir), _data(4 * batch), batch, tmp)
         before = _vm("VmRSS")
-        try:
+        with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        except OSError:
-            pass
         for _ in range(3):
             one_step(trainer, inputs)
         print(json.dumps({"peak": _vm("VmHWM") - before}))
