@@ -99,6 +99,26 @@ def test_trainer_tdpo1_equals_direct_full_logit_computation(tiny_model_dir, pref
     torch.testing.assert_close(grad.double(), grad_truth.double(), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("mask", ["activations", "sparse"])
+def test_one_token_and_empty_completions_stay_finite(tiny_model_dir, preference, tmp_path, mask):
+    """A completion cut to one token and a row with no completion token (fully padded) give a finite loss and
+    finite gradients (the released MaPO code gives NaN on one-token completions)."""
+    trainer = _trainer(tiny_model_dir, preference.select(range(8)), tmp_path, mask=mask)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    cm = batch["completion_mask"]
+    first = cm[0].nonzero()[0, 0]
+    cm[0, first + 1 :] = 0  # chosen of pair 0: one token
+    cm[5] = 0  # rejected of pair 1: no completion token at all
+    trainer.model.train()
+    loss = trainer._compute_loss(trainer.model, batch, False)
+    loss.backward()
+    assert torch.isfinite(loss)
+    params = list(trainer.model.parameters()) + list(
+        trainer.token_masks.parameters() if trainer.token_masks is not None else []
+    )
+    assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+
+
 VARIANTS = {
     "common": {"mask": "sparse", "mask_mode": "common", "l1_reward": 1e-3, "l1_kl": 1e-3},
     "independent": {"mask": "sparse", "mask_mode": "independent", "l1_reward": 1e-3, "l1_kl": 1e-3},
