@@ -103,6 +103,12 @@ class TokenDPOConfig(FDPOConfig):
         default=0.01,
         metadata={"help": "Weight decay of the learned mask parameters (their own optimizer param group)."},
     )
+    mask_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the learned mask parameters (None: `learning_rate`); same scheduler."
+        },
+    )
     tdpo_alpha: float = field(
         default=0.5, metadata={"help": "α of TDPO2: scale of the KL difference (0.5 in the TDPO paper)."}
     )
@@ -291,7 +297,10 @@ class TokenDPOTrainer(FDPOTrainer):
             params = list(self.token_masks.parameters())
             present = {id(p) for g in optimizer.param_groups for p in g["params"]}
             if not any(id(p) in present for p in params):
-                optimizer.add_param_group({"params": params, "weight_decay": self.args.mask_weight_decay})
+                group = {"params": params, "weight_decay": self.args.mask_weight_decay}
+                if self.args.mask_learning_rate is not None:
+                    group["lr"] = self.args.mask_learning_rate
+                optimizer.add_param_group(group)
         return optimizer
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
