@@ -252,7 +252,10 @@ def test_config_rejects_what_token_objectives_cannot_do():
         TokenDPOConfig(output_dir="/tmp/x", mask_targets=["rewards"], **COMMON)
     with pytest.raises(ValueError, match="objective"):
         TokenDPOConfig(output_dir="/tmp/x", objective="sparse_po", **COMMON)
+    with pytest.raises(ValueError, match="uses no token mask"):
+        TokenDPOConfig(output_dir="/tmp/x", objective="tdpo1", mask="sparse", **COMMON)
     assert TokenDPOConfig(output_dir="/tmp/x", objective="tdpo2", **COMMON).mask == "none"
+    assert TokenDPOConfig(output_dir="/tmp/x", **COMMON).mask == "sparse"
 
 
 TOKEN_RECIPES = {

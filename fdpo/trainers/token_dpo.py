@@ -67,12 +67,13 @@ class TokenDPOConfig(FDPOConfig):
             "choices": list(OBJECTIVES),
         },
     )
-    mask: str = field(
-        default="sparse",
+    mask: str | None = field(
+        default=None,
         metadata={
             "help": "SparsePO token masks, from the reference model: `sparse` (learned: per-layer shared "
             "LayerNorm → Linear → ReLU, bias-free mixer → ReLU), `activations` (MaPO: detached min–max scaled "
-            "reference activations, one mask for reward and KL), `none` (all ones: TDPO1).",
+            "reference activations, one mask for reward and KL), `none` (all ones: TDPO1). Default: `sparse` "
+            "for objective sparsepo, `none` otherwise (the only value tdpo1/tdpo2/fdpo accept).",
             "choices": list(MASKS),
         },
     )
@@ -131,13 +132,15 @@ class TokenDPOConfig(FDPOConfig):
             raise ValueError(
                 f"TokenDPOConfig: objective must be one of {list(OBJECTIVES)}, got {self.objective!r}."
             )
+        if self.mask is None:
+            self.mask = "sparse" if self.objective == "sparsepo" else "none"
         if self.mask not in MASKS:
             raise ValueError(f"TokenDPOConfig: mask must be one of {list(MASKS)}, got {self.mask!r}.")
-        if self.objective in ("tdpo1", "tdpo2") and self.mask != "none":
-            # the field default is 'sparse': a TDPO objective simply uses no mask
-            self.mask = "none"
-        if self.objective == "fdpo":
-            self.mask = "none"
+        if self.objective != "sparsepo" and self.mask != "none":
+            raise ValueError(
+                f"TokenDPOConfig: objective {self.objective!r} uses no token mask (mask: {self.mask!r}); set "
+                "objective: sparsepo for masked token-level DPO, or drop the mask key."
+            )
         targets = list(self.mask_targets)
         if not targets or any(t not in MASK_TARGETS for t in targets) or len(set(targets)) != len(targets):
             raise ValueError(
