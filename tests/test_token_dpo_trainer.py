@@ -171,6 +171,37 @@ def test_variants_train(tiny_model_dir, preference, tmp_path, name):
 
 
 @pytest.mark.slow
+def test_lora_adapter_with_base_as_reference(tiny_model_dir, preference, tmp_path):
+    """peft LoRA, no ref_model: the reference is the base with the adapter disabled (policy = reference at step 1)."""
+    from peft import LoraConfig
+
+    model, tok = _load(tiny_model_dir)
+    args = TokenDPOConfig(
+        output_dir=str(tmp_path),
+        mask="sparse",
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        gradient_checkpointing=True,
+        **COMMON,
+    )
+    trainer = TokenDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=preference.select(range(12)),
+        processing_class=tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    assert trainer.ref_model is None
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
+    assert logs[0]["kl/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert logs[-1]["kl/chosen"] > 0  # the adapter moved the policy away from the base
+
+
+@pytest.mark.slow
 def test_resume_reloads_mask_parameters(tiny_model_dir, preference, tmp_path):
     data = preference.select(range(16))
     config = {
