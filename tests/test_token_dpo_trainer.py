@@ -321,3 +321,32 @@ def test_gpu_sparsepo_recipe_loads_without_a_model():
     text = (REPO / "recipes" / "qwen2.5-0.5b" / "sparsepo.yaml").read_text()
     config = text.split("--config_file ")[1].split()[0]
     assert "accelerate launch" in text and (REPO / config).is_file(), config
+
+
+@pytest.mark.slow
+def test_recipe_runs_and_resumes_through_run_training(tiny_model_dir, task_data_dir, tmp_path):
+    """`fdpo train recipes/tiny/sparsepo_independent.yaml`: 2 steps with a checkpoint, then a rerun with more
+    steps resumes from it (mask parameters included) and the final output holds the mask file."""
+    from fdpo.recipe import load_recipe
+    from fdpo.train import run_training
+
+    overrides = {
+        "model_name_or_path": str(tiny_model_dir),
+        "dataset_name": str(Path(task_data_dir) / "preference.jsonl"),
+        "eval_dataset_name": None,
+        "eval_strategy": "no",
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 2,
+    }
+    path = REPO / "recipes" / "tiny" / "sparsepo_independent.yaml"
+    first = run_training(load_recipe(path, overrides))
+    assert first["global_step"] == 2 and (tmp_path / "out" / "checkpoint-2" / MASK_FILE).is_file()
+    second = run_training(load_recipe(path, {**overrides, "max_steps": 3}), resume=True)
+    assert second["global_step"] == 3
+    assert second["resumed_from"] is not None and second["resumed_from"].endswith("checkpoint-2")
+    assert (tmp_path / "out" / MASK_FILE).is_file()
+    assert any("mask/reward/sparsity" in h for h in second["log_history"])
