@@ -20,7 +20,12 @@ TRL's ``precompute_ref_log_probs`` stores only sequence sums, so token-level obj
 reference (rejected at config time otherwise). Learned mask parameters live beside the model (not inside
 it, so the saved model stays a plain causal LM): their own optimizer param group with
 ``mask_weight_decay``, saved as ``fdpo_token_mask.safetensors`` in every checkpoint and the final output,
-reloaded on resume; their gradients are averaged across processes by hand (they are outside DDP).
+reloaded on resume; their gradients are averaged across processes by hand (they are outside DDP), cleared
+after each optimizer step and clipped to ``max_grad_norm`` on their own.
+
+Tested on CPU: single process, reference model (given or reloaded from disk), LoRA (reference = base with the
+adapter disabled), gradient checkpointing, resume. Not tested: multi-process runs, FSDP (the LM head is gathered
+when it is a DTensor), DeepSpeed ZeRO-3 (partitioned LM head weights are not gathered: unsupported).
 """
 
 from __future__ import annotations
@@ -392,7 +397,15 @@ class TokenDPOTrainer(FDPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         base = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
         head = base.get_output_embeddings()
-        return head.weight, head.bias
+        weight, bias = head.weight, head.bias
+        try:  # FSDP2 shards parameters as DTensors; the chunked projections need the full head (as TRL's head does)
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover
+            return weight, bias
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+        return weight, bias
 
     def _check_hidden(self, outputs: Any, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Once: the last hidden state projected by the LM head must give the model's own last logits
