@@ -18,6 +18,14 @@ Memory: on CUDA, torch.cuda.max_memory_allocated during the steps minus the allo
 (interleaved, in-process). On CPU, each variant runs in a fresh subprocess: peak RSS (VmHWM, reset through
 /proc/self/clear_refs) during the warm-up + 2 steps minus the RSS before the first step, i.e. activations,
 gradients and optimizer state of the steps (the same optimizer state for every variant, plus the mask network).
+
+Reading the CPU numbers: without Triton, TRL's fused LM head projects EVERY position (prompt and padding
+included), while the token-level path projects completion positions only, so SparsePO can beat plain DPO on a
+CPU. On a GPU TRL compacts to completion positions too; the token-level path then costs about 10 LM-head
+products per completion token (policy log-probs 3, reference 1, KL forward 2, KL backward 4) against TRL's 4
+(Qwen2.5-0.5B estimate: ≈1.4× a DPO step). Measured on CPU in this repository (one shared 2-core machine,
+1 thread, batch 8 pairs, median of 7): tiny 0.9M fdpo/trl 0.96 time, 0.92 memory, sparsepo/dpo 0.97, 0.90;
+Llama 43.7M (vocab 32000) fdpo/trl 1.01, 0.98, sparsepo/dpo 0.72, 0.83.
 """
 
 from __future__ import annotations
