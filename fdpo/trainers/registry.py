@@ -71,6 +71,14 @@ TRAINERS: dict[str, TrainerSpec] = {
         column_sets=(("prompt", "rejected"),),
         text_columns=("prompt", "rejected"),
     ),
+    "token_dpo": TrainerSpec(
+        name="token_dpo",
+        module="fdpo.trainers.token_dpo",
+        trainer_name="TokenDPOTrainer",
+        config_name="TokenDPOConfig",
+        column_sets=(("prompt", "chosen", "rejected"),),
+        text_columns=("prompt", "chosen", "rejected"),
+    ),
 }
 
 
