@@ -57,6 +57,14 @@ TRAINERS: dict[str, TrainerSpec] = {
         column_sets=(("prompt", "chosen", "rejected"),),
         text_columns=("prompt", "chosen", "rejected"),
     ),
+    "grpo": TrainerSpec(
+        name="grpo",
+        module="fdpo.trainers.grpo",
+        trainer_name="FGRPOTrainer",
+        config_name="FGRPOConfig",
+        column_sets=(("prompt",),),
+        text_columns=("prompt",),
+    ),
 }
 
 
