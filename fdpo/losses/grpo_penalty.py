@@ -117,7 +117,8 @@ def per_token_penalty(
 
 def sequence_k1(old_logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
     """Σ_t (log π_old(y_t) − log π_ref(y_t)) over completion tokens: the k1 sequence KL of each rollout."""
-    lr = (old_logp.detach().float() - ref_logp.detach().float()) * mask
+    dtype = torch.promote_types(torch.promote_types(old_logp.dtype, ref_logp.dtype), torch.float32)
+    lr = (old_logp.detach().to(dtype) - ref_logp.detach().to(dtype)) * mask
     return lr.sum(-1)
 
 
