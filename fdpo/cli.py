@@ -2,6 +2,7 @@
 
     fdpo train RECIPE [--resume] [--key value ...]   train one recipe (also under `accelerate launch -m fdpo`)
     fdpo pipeline RECIPE [--from STAGE]              run a multi-stage recipe (tiny → data → sft → … → eval)
+    fdpo presample RECIPE [--key value ...]          DPH-RL: sample the initial policy, split D_pef/D_exp, store log π_ref
     fdpo eval CHECKPOINT --task TASK -k 1,4,16       pass@k, mean reward and diversity of a checkpoint
     fdpo tiny OUT_DIR                                build the offline tiny model + tokenizer
     fdpo data TASK OUT_DIR                           write a synthetic task's data for every stage
@@ -34,6 +35,20 @@ def _cmd_pipeline(args: argparse.Namespace, extra: list[str]) -> int:
     from fdpo.pipeline import run_pipeline
 
     run_pipeline(args.recipe, from_stage=args.from_stage, overrides=extra)
+    return 0
+
+
+def _cmd_presample(args: argparse.Namespace, extra: list[str]) -> int:
+    from fdpo.data.presample import presample_recipe
+    from fdpo.recipe import parse_overrides
+
+    manifest = presample_recipe(args.recipe, parse_overrides(extra))
+    c = manifest["counts"]
+    print(
+        f"fdpo: presampled {c['prompts']} prompts × {manifest['generation']['n']}: D_pef {c['d_pef']} "
+        f"({100 * manifest['frac_pef']:.1f}%), D_exp {c['d_exp']}, {c['stored_samples']} rehearsal samples → "
+        f"{manifest['out_dir']}"
+    )
     return 0
 
 
@@ -102,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on")
     p.set_defaults(func=_cmd_pipeline, allow_extra=True)
+
+    p = sub.add_parser(
+        "presample",
+        help="DPH-RL: sample the recipe's initial policy n times per training prompt, split D_pef/D_exp, "
+        "store the correct D_pef samples with log π_ref (extra --key value pairs override recipe keys)",
+    )
+    p.add_argument("recipe")
+    p.set_defaults(func=_cmd_presample, allow_extra=True)
 
     p = sub.add_parser("tiny", help="build the offline tiny model and tokenizer")
     p.add_argument("out_dir")

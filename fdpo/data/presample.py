@@ -1,0 +1,618 @@
+"""`fdpo presample RECIPE`: DPH-RL's pre-sampling stage (objectives.md §7, steps 1–2).
+
+For every training prompt of the recipe (``dataset_name``, its ``prompt`` column), draw
+``presample_n`` completions from the initial policy (``model_name_or_path``) with ``model.generate``
+at the recipe's own GRPO generation settings (``temperature``, ``top_p``, ``top_k``, ``min_p``,
+``repetition_penalty``, ``max_completion_length``, ``generation_kwargs``, ``chat_template_kwargs``:
+the keys and defaults of TRL's GRPOConfig, so the samples match what training would draw), score
+each with the recipe's reward functions (``reward_funcs``, weighted by ``reward_weights`` as TRL
+does), and split the prompts:
+
+    D_pef = {x : #correct(x) ≥ pef_threshold · n},   D_exp = the rest,
+
+where a completion is correct when its weighted reward is ≥ ``presample_correct_reward`` (1.0).
+For the correct completions of D_pef prompts, log π_ref(y_t | x, y_<t) is computed at the sampling
+temperature (log_softmax(logits / T), TRL's convention) by a separate teacher-forced forward through
+TRL's own fused LM head, the path GRPOTrainer uses for its training log-probs, in TRL's rollout
+layout (prompt left-padded, completion right-padded, completion up to and including its first eos).
+The store (fdpo/data/rehearsal.py) is written atomically to ``presample_dir`` (default
+``<output_dir>/dph``).
+
+Completions are decoded with ``skip_special_tokens=True`` and passed to the reward functions in
+TRL's form (a list of one assistant message for conversational prompts), with every other dataset
+column as a keyword list: a sample is "correct" exactly when training's reward would call it so.
+Note: with top_p < 1, top_k > 0, min_p or a repetition penalty the samples come from the truncated
+sampling distribution, not from π_ref at temperature T, and the rehearsal estimate of D_f is biased
+accordingly (as it is in DPH-RL itself).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fdpo.data.rehearsal import (
+    D_EXP,
+    D_PEF,
+    dph_dir,
+    read_manifest,
+    tokenizer_fingerprint,
+    write_rehearsal_dir,
+)
+from fdpo.recipe.validate import RecipeError
+
+logger = logging.getLogger("fdpo")
+
+
+@dataclass
+class PresampleArguments:
+    """Recipe keys of `fdpo presample` (a trainer config that defines a key of its own wins)."""
+
+    presample_n: int = field(
+        default=8, metadata={"help": "DPH-RL: completions sampled per training prompt before RL (paper: 8)."}
+    )
+    pef_threshold: float = field(
+        default=1.0,
+        metadata={
+            "help": "DPH-RL: a prompt joins D_pef (rehearsed, not trained on with RL) when at least this "
+            "fraction of its presample_n completions is correct; 1.0 = solved every time (the paper)."
+        },
+    )
+    presample_correct_reward: float = field(
+        default=1.0,
+        metadata={"help": "DPH-RL: a completion is correct when its weighted total reward is ≥ this value."},
+    )
+    presample_batch_size: int = field(
+        default=64, metadata={"help": "DPH-RL: sequences per generate call and per log π_ref forward."}
+    )
+    presample_seed: int | None = field(
+        default=None, metadata={"help": "DPH-RL: sampling seed for `fdpo presample` (default: the recipe's seed)."}
+    )
+    presample_dir: str | None = field(
+        default=None,
+        metadata={"help": "DPH-RL: where `fdpo presample` writes the rehearsal store (default: <output_dir>/dph)."},
+    )
+    reward_funcs: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions (names from fdpo.rewards or dotted paths to user functions), as "
+            "TRL's GRPO script takes them."
+        },
+    )
+
+
+@dataclass
+class PresampleSettings:
+    """Everything `presample` uses, resolved from a recipe (see :func:`resolve_presample_settings`)."""
+
+    recipe_path: str
+    model_name_or_path: str
+    model_revision: str | None
+    dtype: str | None
+    dataset_name: str
+    dataset_config: str | None
+    dataset_train_split: str
+    output_dir: str
+    out_dir: str
+    reward_funcs: list[str]
+    reward_weights: list[float] | None
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float | None
+    repetition_penalty: float
+    max_completion_length: int
+    generation_kwargs: dict[str, Any] | None
+    chat_template_kwargs: dict[str, Any] | None
+    cache_implementation: str | None
+    cast_lm_head_to_fp32: bool
+    seed: int
+    n: int
+    pef_threshold: float
+    correct_reward: float
+    batch_size: int
+
+    def generation_manifest(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "max_completion_length": self.max_completion_length,
+            "generation_kwargs": self.generation_kwargs,
+            "n": self.n,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "do_sample": True,
+            "logps": "log_softmax(logits / temperature) of the sampled tokens, teacher-forced forward through "
+            f"TRL's fused LM head (cast_lm_head_to_fp32={self.cast_lm_head_to_fp32}), model dtype {self.dtype}",
+        }
+
+
+def _lookup(objs: list[Any], name: str, default: Any = None) -> Any:
+    for obj in objs:
+        if obj is not None and hasattr(obj, name):
+            return getattr(obj, name)
+    return default
+
+
+def _as_dict(value: Any, key: str, where: str) -> dict[str, Any] | None:
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        out = json.loads(value)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise RecipeError(f"{where}: key '{key}' must be a mapping (or a JSON string of one), got {value!r}") from exc
+    if not isinstance(out, dict):
+        raise RecipeError(f"{where}: key '{key}' must be a mapping, got {value!r}")
+    return out
+
+
+def resolve_presample_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> PresampleSettings:
+    """Read and validate a training recipe for presampling.
+
+    Every key is checked as `fdpo train` checks it (unknown keys and wrong types are errors naming
+    the key and the file), against the recipe's trainer config plus :class:`PresampleArguments`.
+    A ``trainer`` not registered in fdpo (e.g. ``grpo`` before FGRPOTrainer exists) is checked
+    against TRL's ``GRPOConfig``, with a warning.
+    """
+    from trl import GRPOConfig, ModelConfig
+
+    from fdpo.recipe.load import (
+        RecipeArguments,
+        _default_precision_for_this_machine,
+        read_yaml,
+        validate_keys,
+    )
+    from fdpo.trainers.registry import TRAINERS, get_trainer_spec
+
+    path = Path(path)
+    where = str(path)
+    raw = read_yaml(path)
+    raw.update(overrides or {})
+    trainer = raw.get("trainer", "sft")
+    if trainer in TRAINERS:
+        config_cls = get_trainer_spec(trainer).config_class()
+    else:
+        warnings.warn(
+            f"{where}: trainer {trainer!r} is not registered in fdpo; checking the recipe against trl.GRPOConfig",
+            stacklevel=2,
+        )
+        raw = {k: v for k, v in raw.items() if k != "trainer"}
+        config_cls = GRPOConfig
+    recipe_kw, model_kw, train_kw, pre_kw = validate_keys(
+        raw, [RecipeArguments, ModelConfig, config_cls, PresampleArguments], where=where
+    )
+    for key, kw in (("model_name_or_path", model_kw), ("output_dir", train_kw), ("dataset_name", recipe_kw)):
+        if kw.get(key) is None:
+            raise RecipeError(f"{where}: missing key '{key}', which `fdpo presample` needs.")
+    train_kw.setdefault("report_to", "none")
+    _default_precision_for_this_machine(train_kw)
+    try:
+        recipe_args = RecipeArguments(**recipe_kw)
+        model_args = ModelConfig(**model_kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            targs = config_cls(**train_kw)
+        pargs = PresampleArguments(**pre_kw)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"{where}: invalid combination of values: {exc}") from exc
+    objs = [targs, pargs, recipe_args]
+    reward_funcs = _lookup(objs, "reward_funcs")
+    if isinstance(reward_funcs, str):
+        reward_funcs = [reward_funcs]
+    if not reward_funcs:
+        raise RecipeError(
+            f"{where}: missing key 'reward_funcs' (e.g. `reward_funcs: [sum_pairs]`): presample verifies each "
+            "sample with the training reward."
+        )
+    n = int(_lookup(objs, "presample_n"))
+    threshold = float(_lookup(objs, "pef_threshold"))
+    batch_size = int(_lookup(objs, "presample_batch_size"))
+    if n < 1:
+        raise RecipeError(f"{where}: key 'presample_n' must be ≥ 1, got {n}.")
+    if not 0.0 < threshold <= 1.0:
+        raise RecipeError(f"{where}: key 'pef_threshold' must be in (0, 1] (a fraction of presample_n), got {threshold}.")
+    if batch_size < 1:
+        raise RecipeError(f"{where}: key 'presample_batch_size' must be ≥ 1, got {batch_size}.")
+    temperature = float(_lookup(objs, "temperature", 1.0))
+    if not temperature > 0:
+        raise RecipeError(f"{where}: key 'temperature' must be > 0 for sampling, got {temperature}.")
+    max_len = _lookup(objs, "max_completion_length")
+    if max_len is None:
+        raise RecipeError(f"{where}: key 'max_completion_length' must be set for presampling.")
+    out_dir = _lookup(objs, "presample_dir") or str(dph_dir(targs.output_dir))
+    seed = _lookup(objs, "presample_seed")
+    dtype = model_args.dtype
+    return PresampleSettings(
+        recipe_path=where,
+        model_name_or_path=str(model_args.model_name_or_path),
+        model_revision=model_args.model_revision,
+        dtype=None if dtype in (None, "auto") else str(dtype),
+        dataset_name=str(recipe_args.dataset_name),
+        dataset_config=recipe_args.dataset_config,
+        dataset_train_split=recipe_args.dataset_train_split,
+        output_dir=str(targs.output_dir),
+        out_dir=str(out_dir),
+        reward_funcs=list(reward_funcs),
+        reward_weights=_lookup(objs, "reward_weights"),
+        temperature=temperature,
+        top_p=float(_lookup(objs, "top_p", 1.0)),
+        top_k=int(_lookup(objs, "top_k", 0) or 0),
+        min_p=_lookup(objs, "min_p"),
+        repetition_penalty=float(_lookup(objs, "repetition_penalty", 1.0)),
+        max_completion_length=int(max_len),
+        generation_kwargs=_as_dict(_lookup(objs, "generation_kwargs"), "generation_kwargs", where),
+        chat_template_kwargs=_as_dict(_lookup(objs, "chat_template_kwargs"), "chat_template_kwargs", where),
+        cache_implementation=_lookup(objs, "cache_implementation"),
+        cast_lm_head_to_fp32=bool(_lookup(objs, "cast_lm_head_to_fp32", False)),
+        seed=int(seed if seed is not None else targs.seed),
+        n=n,
+        pef_threshold=threshold,
+        correct_reward=float(_lookup(objs, "presample_correct_reward")),
+        batch_size=batch_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces (each usable on its own)
+# ---------------------------------------------------------------------------------------------
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every eos id the model declares, tokenizer's first (as TRL's GRPOTrainer collects them)."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id not in ids:
+        ids = [tokenizer.eos_token_id, *ids]
+    return ids
+
+
+def tokenize_prompts(tokenizer, prompts: list[Any], chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Prompt token ids as TRL's GRPOTrainer makes them: the chat template with the generation prompt
+    for conversational prompts, the plain tokenizer for strings."""
+    from trl.data_utils import is_conversational
+
+    if is_conversational({"prompt": prompts[0]}):
+        out = tokenizer.apply_chat_template(
+            conversation=prompts,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **(chat_template_kwargs or {}),
+        )
+        return [list(ids) for ids in out["input_ids"]]
+    return [list(ids) for ids in tokenizer(text=prompts)["input_ids"]]
+
+
+def generation_config(settings: PresampleSettings, tokenizer, eos_ids: list[int]):
+    """The GenerationConfig TRL's GRPOTrainer builds from the same settings (transformers path)."""
+    from transformers import GenerationConfig
+
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_completion_length,
+        "do_sample": True,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": eos_ids,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "top_k": settings.top_k,
+        "min_p": settings.min_p,
+        "repetition_penalty": settings.repetition_penalty,
+        "cache_implementation": settings.cache_implementation,
+    }
+    if settings.generation_kwargs:
+        kwargs.update(settings.generation_kwargs)
+    return GenerationConfig(**kwargs, disable_compile=True)
+
+
+def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
+    """The completion up to and including its first eos (TRL keeps the eos), and whether it ended."""
+    eos = set(eos_ids)
+    for j, t in enumerate(ids):
+        if t in eos:
+            return ids[: j + 1], True
+    return ids, False
+
+
+def _progress(iterable, total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+
+
+def sample(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    settings: PresampleSettings,
+    eos_ids: list[int],
+) -> list[list[tuple[list[int], bool]]]:
+    """``settings.n`` completions (token ids cut at eos, finished flag) per prompt, sampled with
+    ``model.generate`` in left-padded batches of ``settings.batch_size`` sequences, seeded."""
+    from fdpo.data.rehearsal import pad_prompt_completion
+
+    gen_config = generation_config(settings, tokenizer, eos_ids)
+    rows = [i for i in range(len(prompt_ids)) for _ in range(settings.n)]
+    out: list[list[tuple[list[int], bool]]] = [[] for _ in prompt_ids]
+    device = next(model.parameters()).device
+    starts = range(0, len(rows), settings.batch_size)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+        torch.manual_seed(settings.seed)
+        for start in _progress(starts, len(starts), "presample: generate"):
+            chunk = rows[start : start + settings.batch_size]
+            prompts = [torch.tensor(prompt_ids[i], dtype=torch.long) for i in chunk]
+            padded = pad_prompt_completion(prompts, [p[:0] for p in prompts], tokenizer.pad_token_id)
+            width = padded["input_ids"].size(1)
+            generated = model.generate(
+                input_ids=padded["input_ids"].to(device),
+                attention_mask=padded["attention_mask"].to(device),
+                generation_config=gen_config,
+            )
+            for r, i in enumerate(chunk):
+                out[i].append(cut_at_eos(generated[r, width:].tolist(), eos_ids))
+    return out
+
+
+def score(
+    reward_fns: list[Any],
+    weights: list[float] | None,
+    rows: list[dict[str, Any]],
+    completions_ids: list[list[int]],
+    tokenizer,
+    batch_size: int,
+) -> list[float]:
+    """Weighted total reward of each completion (TRL's call convention; a None reward counts as NaN)."""
+    from trl.data_utils import is_conversational
+
+    w = [1.0] * len(reward_fns) if weights is None else list(weights)
+    if len(w) != len(reward_fns):
+        raise RecipeError(f"reward_weights has {len(w)} values for {len(reward_fns)} reward functions")
+    totals: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        ids = completions_ids[start : start + batch_size]
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        prompts = [r["prompt"] for r in batch]
+        if is_conversational(batch[0]):
+            completions: list[Any] = [[{"role": "assistant", "content": t}] for t in texts]
+        else:
+            completions = texts
+        keys = [k for k in batch[0] if k not in ("prompt", "completion", "completion_ids")]
+        kwargs = {k: [r[k] for r in batch] for k in keys}
+        per_fn = []
+        for fn in reward_fns:
+            values = fn(prompts=prompts, completions=completions, completion_ids=ids, trainer_state=None, **kwargs)
+            per_fn.append([math.nan if v is None else float(v) for v in values])
+        for j in range(len(batch)):
+            vals = [per_fn[k][j] for k in range(len(reward_fns))]
+            totals.append(math.nan if all(math.isnan(v) for v in vals) else
+                          sum(wk * v for wk, v in zip(w, vals) if not math.isnan(v)))
+    return totals
+
+
+def reference_logps(
+    model,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    *,
+    temperature: float,
+    pad_token_id: int,
+    batch_size: int,
+    cast_lm_head_to_fp32: bool = False,
+) -> list[list[float]]:
+    """Per-token log π(y_t | x, y_<t) at ``temperature`` (log_softmax(logits / T)) of each completion,
+    by a teacher-forced forward in TRL's rollout layout through TRL's fused LM head (on a shallow copy
+    of ``model``, which is left unpatched), exactly as GRPOTrainer computes training log-probs."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from fdpo.data.rehearsal import pad_prompt_completion
+
+    # a shallow copy shares every module and parameter, so the patch does not touch the caller's model
+    fused = copy.copy(model)
+    add_fused_lm_head(fused, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
+    starts = range(0, len(prompt_ids), batch_size)
+    with torch.inference_mode():
+        for start in _progress(starts, len(starts), "presample: log π_ref"):
+            prompts = [torch.tensor(p, dtype=torch.long) for p in prompt_ids[start : start + batch_size]]
+            comps = [torch.tensor(c, dtype=torch.long) for c in completion_ids[start : start + batch_size]]
+            padded = pad_prompt_completion(prompts, comps, pad_token_id)
+            input_ids = padded["input_ids"].to(device)
+            attention = padded["attention_mask"].to(device)
+            keep = padded["completion_width"]
+            labels = input_ids.masked_fill(attention == 0, -100)
+            labels[:, :-keep] = -100
+            logps = fused(input_ids=input_ids, attention_mask=attention, labels=labels, fused_lm_head=True).log_probs
+            logps = logps[:, -keep:].float().cpu()
+            out.extend(logps[r, : len(c)].tolist() for r, c in enumerate(comps))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+
+def load_policy_and_tokenizer(settings: PresampleSettings):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"revision": settings.model_revision}
+    if settings.dtype is not None:
+        kwargs["dtype"] = getattr(torch, settings.dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.model_name_or_path, revision=settings.model_revision)
+        model = AutoModelForCausalLM.from_pretrained(settings.model_name_or_path, **kwargs)
+    except OSError as exc:
+        raise RecipeError(
+            f"{settings.recipe_path}: key 'model_name_or_path' = {settings.model_name_or_path!r} could not be "
+            f"loaded ({str(exc)[:300]})."
+        ) from exc
+    if tokenizer.pad_token is None:  # as TRL's GRPOTrainer does
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if torch.cuda.is_available():
+        model.to("cuda")
+    model.eval()
+    return model, tokenizer
+
+
+def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dict[str, Any]:
+    """Run the presample stage; returns the manifest written to ``settings.out_dir``."""
+    from fdpo.data.loading import check_columns, load_any_dataset
+    from fdpo.rewards import get_reward_function
+
+    t0 = time.time()
+    dataset = load_any_dataset(
+        settings.dataset_name,
+        config=settings.dataset_config,
+        split=settings.dataset_train_split,
+        key=f"{settings.recipe_path}: dataset_name",
+    )
+    check_columns(dataset, ["prompt"], source=f"{settings.dataset_name} (recipe {settings.recipe_path})",
+                  text_columns=["prompt"])
+    reward_fns = [get_reward_function(spec) for spec in settings.reward_funcs]
+    if model is None or tokenizer is None:
+        model, tokenizer = load_policy_and_tokenizer(settings)
+    eos_ids = eos_token_ids(model, tokenizer)
+    rows = [dict(r) for r in dataset]
+    prompt_ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], settings.chat_template_kwargs)
+
+    samples = sample(model, tokenizer, prompt_ids, settings, eos_ids)
+    flat_rows = [rows[i] for i in range(len(rows)) for _ in range(settings.n)]
+    flat_ids = [ids for per_prompt in samples for ids, _ in per_prompt]
+    rewards = score(reward_fns, settings.reward_weights, flat_rows, flat_ids, tokenizer, settings.batch_size)
+
+    need = math.ceil(settings.pef_threshold * settings.n - 1e-9)
+    num_correct, in_pef, keep = [], [], []  # keep: (prompt row, sample j, reward)
+    for i in range(len(rows)):
+        rs = rewards[i * settings.n : (i + 1) * settings.n]
+        correct = [j for j, r in enumerate(rs) if not math.isnan(r) and r >= settings.correct_reward]
+        num_correct.append(len(correct))
+        pef = len(correct) >= need
+        in_pef.append(pef)
+        if pef:
+            keep.extend((i, j, rs[j]) for j in correct)
+
+    kept_prompts = [prompt_ids[i] for i, _, _ in keep]
+    kept_completions = [samples[i][j][0] for i, j, _ in keep]
+    logps = reference_logps(
+        model,
+        kept_prompts,
+        kept_completions,
+        temperature=settings.temperature,
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=settings.batch_size,
+        cast_lm_head_to_fp32=settings.cast_lm_head_to_fp32,
+    ) if keep else []
+
+    def flat(seqs: list[list[int]], dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([0] + [len(s) for s in seqs], dtype=torch.long)
+        values = torch.tensor([t for s in seqs for t in s], dtype=dtype)
+        return values, torch.cumsum(lengths, 0)
+
+    p_flat, p_off = flat(kept_prompts, torch.int32)
+    c_flat, c_off = flat(kept_completions, torch.int32)
+    lp_flat, _ = flat(logps, torch.float32)
+    pef_rows = [i for i, p in enumerate(in_pef) if p]
+    exp_rows = [i for i, p in enumerate(in_pef) if not p]
+    tensors = {
+        "prompt_ids": p_flat,
+        "prompt_offsets": p_off,
+        "completion_ids": c_flat,
+        "completion_offsets": c_off,
+        "completion_mask": torch.ones(c_flat.numel(), dtype=torch.int8),
+        "ref_logps": lp_flat,
+        "sample_prompt_row": torch.tensor([i for i, _, _ in keep], dtype=torch.long),
+        "sample_reward": torch.tensor([r for _, _, r in keep], dtype=torch.float32),
+        "prompt_num_correct": torch.tensor(num_correct, dtype=torch.long),
+        "prompt_in_pef": torch.tensor(in_pef, dtype=torch.int8),
+        "pef_rows": torch.tensor(pef_rows, dtype=torch.long),
+        "exp_rows": torch.tensor(exp_rows, dtype=torch.long),
+    }
+    finished = sum(f for per_prompt in samples for _, f in per_prompt)
+    total = len(rows) * settings.n
+    valid = [r for r in rewards if not math.isnan(r)]
+    manifest = {
+        "recipe": settings.recipe_path,
+        "out_dir": str(Path(settings.out_dir).resolve()),
+        "model_name_or_path": settings.model_name_or_path,
+        "model_revision": settings.model_revision,
+        "dataset": {
+            "name": settings.dataset_name,
+            "config": settings.dataset_config,
+            "split": settings.dataset_train_split,
+            "rows": len(rows),
+        },
+        "generation": settings.generation_manifest(),
+        "reward_funcs": [f if isinstance(f, str) else getattr(f, "__name__", repr(f)) for f in settings.reward_funcs],
+        "reward_weights": settings.reward_weights,
+        "presample_correct_reward": settings.correct_reward,
+        "pef_threshold": settings.pef_threshold,
+        "pef_min_correct": need,
+        "tokenizer": tokenizer_fingerprint(tokenizer, chat_template_kwargs=settings.chat_template_kwargs),
+        "counts": {
+            "prompts": len(rows),
+            "d_pef": len(pef_rows),
+            "d_exp": len(exp_rows),
+            "samples": total,
+            "samples_correct": sum(num_correct),
+            "samples_finished": int(finished),
+            "stored_samples": len(keep),
+            "stored_tokens": int(c_flat.numel()),
+        },
+        "frac_pef": len(pef_rows) / max(len(rows), 1),
+        "mean_reward": sum(valid) / max(len(valid), 1),
+        "pass_rate": sum(num_correct) / max(total, 1),
+        "created_unix": time.time(),
+        "wall_time_s": round(time.time() - t0, 2),
+    }
+
+    def jsonl(indices: list[int]):
+        def write(path: Path) -> None:
+            dataset.select(indices).to_json(str(path), lines=True, force_ascii=False)
+
+        return write
+
+    out = write_rehearsal_dir(settings.out_dir, manifest, tensors, {D_EXP: jsonl(exp_rows), D_PEF: jsonl(pef_rows)})
+    logger.info(
+        "presample: %d prompts × %d samples, pass rate %.3f; D_pef %d (%.1f%%), D_exp %d; %d samples stored in %s",
+        len(rows), settings.n, manifest["pass_rate"], len(pef_rows), 100 * manifest["frac_pef"], len(exp_rows),
+        len(keep), settings.out_dir,
+    )
+    return read_manifest(out)
+
+
+def presample_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`fdpo presample RECIPE --key value ...`: resolve the settings, then :func:`presample`."""
+    return presample(resolve_presample_settings(path, overrides))
+
+
+__all__ = [
+    "PresampleArguments",
+    "PresampleSettings",
+    "cut_at_eos",
+    "eos_token_ids",
+    "generation_config",
+    "presample",
+    "presample_recipe",
+    "reference_logps",
+    "resolve_presample_settings",
+    "sample",
+    "score",
+    "tokenize_prompts",
+]
