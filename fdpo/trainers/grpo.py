@@ -41,7 +41,12 @@ from accelerate.utils import is_peft_model
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import use_adapter
 
+from fdpo.data.presample import PresampleArguments
 from fdpo.divergences import full_vocab_divergence_from_hidden, get_divergence
+from fdpo.losses.chi2 import chi2_penalty
+from fdpo.losses.disco import disco_loss
+from fdpo.losses.dph import rehearsal_loss
+from fdpo.losses.fdpg import FDPGState, fdpg_loss
 from fdpo.losses.grpo_penalty import (
     ESTIMATORS,
     check_estimator,
@@ -68,11 +73,13 @@ _ESTIMATOR_HELP = (
 
 
 @dataclass
-class FGRPOConfig(GRPOConfig):
+class FGRPOConfig(GRPOConfig, PresampleArguments):
     """Configuration of `FGRPOTrainer`: every field of `trl.GRPOConfig`, plus the divergence penalty.
 
     TRL's `beta` must stay 0: set `divergence_coef` (η) and `estimator` instead; `estimator: k3_ratio` with
-    `divergence: reverse_kl` is TRL's `beta = η` with its default bias correction.
+    `divergence: reverse_kl` is TRL's `beta = η` with its default bias correction. The keys of
+    `fdpo presample` (`presample_n`, `pef_threshold`, ...) are accepted so one recipe serves both stages.
+    `loss_type` also takes `disco` (DisCO, objectives.md §8) and `fdpg` (f-DPG, §9).
     """
 
     reward_funcs: list[str] = field(
@@ -103,6 +110,76 @@ class FGRPOConfig(GRPOConfig):
     full_vocab_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Positions per chunk of `estimator: full_vocab` (None: about 2M logits per chunk on CPU)."},
+    )
+    chi2_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Correlated Proxies (ICLR 2025) χ² occupancy penalty: coefficient of mean_batch(R + 1/R − 2), "
+            "R = e^L, L the sequence log-ratio log π − log π_ref of each rollout (released RLHF run: 0.0008 with "
+            "`chi2_sqrt: true`). Needs the reference model."
+        },
+    )
+    chi2_sqrt: bool = field(
+        default=True, metadata={"help": "Penalise √max(χ², 1e-4) (the released code) instead of χ²."}
+    )
+    rehearsal_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "DPH-RL: the store written by `fdpo presample` (its directory, by default <output_dir>/dph, "
+            "or manifest.json). Each step adds `rehearsal_coef` × token-mean f̃(u) on stored π_ref samples; "
+            "no reference model is loaded for it. A tokenizer/chat-template/temperature mismatch is refused."
+        },
+    )
+    rehearsal_divergence: str = field(
+        default="forward_kl",
+        metadata={"help": "DPH-RL: f of the rehearsal term (any registry entry or label, e.g. `js`, `alpha(0.5)`)."},
+    )
+    rehearsal_coef: float = field(
+        default=0.02, metadata={"help": "DPH-RL: η of the rehearsal term (paper: 0.01–0.05 forward KL, 0.05–0.2 JS)."}
+    )
+    rehearsal_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "DPH-RL: stored samples per micro-batch and process (None: from `rehearsal_ratio`)."},
+    )
+    rehearsal_ratio: float = field(
+        default=0.125,
+        metadata={
+            "help": "DPH-RL: rehearsal samples per RL rollout when `rehearsal_batch_size` is unset "
+            "(paper: 256 per 2048 = 0.125); at least one sample per micro-batch."
+        },
+    )
+    rehearsal_train_on_exp: bool = field(
+        default=True,
+        metadata={"help": "DPH-RL: run RL on the store's D_exp prompts (d_exp.jsonl) instead of `dataset_name`."},
+    )
+    disco_score: str = field(
+        default="log_l",
+        metadata={"help": "DisCO (`loss_type: disco`): length-normalised score `log_l` or `l_ratio`.",
+                  "choices": ["log_l", "l_ratio"]},
+    )
+    disco_form: str = field(
+        default="dro",
+        metadata={"help": "DisCO: `dro` (τ log-mean-exp over negatives) or `basic`.", "choices": ["dro", "basic"]},
+    )
+    disco_tau: float | None = field(
+        default=None, metadata={"help": "DisCO: τ of the DRO form (None: 10 for log_l, 1 for l_ratio)."}
+    )
+    disco_delta: float = field(default=1e-4, metadata={"help": "DisCO: trust-region radius δ of KL(π_old‖π)."})
+    disco_beta: float = field(default=1e3, metadata={"help": "DisCO: β of the squared hinge (β/2)[KL̂ − δ]₊²."})
+    disco_kl_estimator: str = field(
+        default="k1", metadata={"help": "DisCO: KL̂ estimator `k1` or `k3`.", "choices": ["k1", "k3"]}
+    )
+    fdpg_target: str = field(
+        default="constraint",
+        metadata={
+            "help": "f-DPG (`loss_type: fdpg`, f = `divergence`): target p ∝ a(x)·b(x) with b = 1[reward ≥ 0.5] "
+            "(`constraint`, GDC) or p ∝ a(x)·exp(r(x)/fdpg_beta) (`reward`); a = the reference (initial) model.",
+            "choices": ["constraint", "reward"],
+        },
+    )
+    fdpg_beta: float = field(default=0.1, metadata={"help": "f-DPG: β of the target a(x)·exp(r(x)/β)."})
+    fdpg_baseline_momentum: float = field(
+        default=0.99, metadata={"help": "f-DPG: momentum of the moving-average baseline B."}
     )
     eval_task: str | None = field(
         default=None,
@@ -135,8 +212,14 @@ class FGRPOConfig(GRPOConfig):
 
     @property
     def needs_reference(self) -> bool:
-        """Whether any configured term needs π_ref at training time."""
-        return self.divergence_coef > 0
+        """Whether any configured term needs π_ref at training time (DPH-RL rehearsal does not)."""
+        return self.divergence_coef > 0 or self.chi2_coef > 0 or self.loss_type == "fdpg"
+
+    @property
+    def needs_ref_logps(self) -> bool:
+        """Whether TRL must compute per-token reference log-probs of each generation batch."""
+        sampled_penalty = self.divergence_coef > 0 and self.estimator != "full_vocab"
+        return sampled_penalty or self.chi2_coef > 0 or self.loss_type == "fdpg"
 
     def __post_init__(self):
         if self.beta != 0.0:
@@ -146,11 +229,37 @@ class FGRPOConfig(GRPOConfig):
             )
         if self.divergence_coef < 0:
             raise ValueError(f"FGRPOConfig: key 'divergence_coef' must be ≥ 0, got {self.divergence_coef}.")
+        for key in ("chi2_coef", "rehearsal_coef"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"FGRPOConfig: key '{key}' must be ≥ 0, got {getattr(self, key)}.")
         try:
             div = get_divergence(self.divergence, **self.divergence_kwargs())
-            check_estimator(self.estimator, div)
+            if self.divergence_coef > 0:
+                check_estimator(self.estimator, div)
+            elif self.estimator not in ESTIMATORS:
+                check_estimator(self.estimator, "reverse_kl")
+            if self.rehearsal_file is not None:
+                self.rehearsal_divergence = get_divergence(self.rehearsal_divergence).label
         except (TypeError, ValueError) as exc:
             raise ValueError(f"FGRPOConfig: {exc}") from exc
+        if self.loss_type in ("disco", "fdpg") and self.importance_sampling_level != "token":
+                raise ValueError(f"FGRPOConfig: key 'loss_type' = {self.loss_type!r} needs importance_sampling_level 'token'.")
+        if self.loss_type == "disco":
+            if self.steps_per_generation not in (None, 1) or self.generation_batch_size is not None:
+                raise ValueError(
+                    "FGRPOConfig: key 'loss_type' = 'disco' scores whole question groups in one micro-batch; set "
+                    "`steps_per_generation: 1` (and no `generation_batch_size`)."
+                )
+            self.steps_per_generation = 1
+            if self.per_device_train_batch_size % (self.num_generations or 1):
+                raise ValueError(
+                    "FGRPOConfig: key 'loss_type' = 'disco' needs `per_device_train_batch_size` to be a multiple of "
+                    "`num_generations` (whole groups on every process)."
+                )
+        if self.loss_type == "fdpg" and self.fdpg_beta <= 0:
+            raise ValueError(f"FGRPOConfig: key 'fdpg_beta' must be > 0, got {self.fdpg_beta}.")
+        if self.rehearsal_batch_size is not None and self.rehearsal_batch_size < 1:
+            raise ValueError(f"FGRPOConfig: key 'rehearsal_batch_size' must be ≥ 1, got {self.rehearsal_batch_size}.")
         params = dict(div.params)
         self.divergence = div.canonical
         self.alpha = params.pop("alpha", None)
@@ -203,8 +312,11 @@ class FGRPOTrainer(GRPOTrainer):
             reward_funcs = [get_reward_function(name) for name in args.reward_funcs]
         self.fdpo_divergence = args.resolved_divergence()
         self.fdpo_estimator = ESTIMATORS[args.estimator]
-        self._fdpo_ref_logps = args.needs_reference and args.estimator != "full_vocab"
-        self._fdpo_ref_hidden = args.needs_reference and args.estimator == "full_vocab"
+        self._fdpo_ref_logps = args.needs_ref_logps
+        self._fdpo_ref_hidden = args.divergence_coef > 0 and args.estimator == "full_vocab"
+        self.fdpg_state = FDPGState(baseline_momentum=args.fdpg_baseline_momentum) if args.loss_type == "fdpg" else None
+        if args.rehearsal_file is not None and args.rehearsal_train_on_exp:
+            kwargs["train_dataset"] = self._d_exp_dataset(args)
         # non-zero while TRL builds its reference model, only if a term needs one
         self._fdpo_trl_beta = 1.0 if args.needs_reference else 0.0
         self._fdpo_in_loss = False
@@ -222,6 +334,52 @@ class FGRPOTrainer(GRPOTrainer):
                 cb.bind(self)
         if self._fdpo_ref_hidden:
             self._check_full_vocab_model()
+        self.rehearsal = self._open_rehearsal() if args.rehearsal_file is not None else None
+
+    # ------------------------------------------------------------------ DPH-RL rehearsal store
+
+    @staticmethod
+    def _d_exp_dataset(args: FGRPOConfig):
+        from pathlib import Path
+
+        from datasets import load_dataset
+
+        from fdpo.data.rehearsal import D_EXP, MANIFEST
+
+        root = Path(args.rehearsal_file)
+        root = root.parent if root.name == MANIFEST else root
+        path = root / D_EXP
+        if not path.exists():
+            raise FileNotFoundError(
+                f"key 'rehearsal_file' = {args.rehearsal_file!r}: {path} does not exist. Run `fdpo presample RECIPE` "
+                "first (it writes the store), or set `rehearsal_train_on_exp: false`."
+            )
+        return load_dataset("json", data_files=str(path), split="train")
+
+    def _open_rehearsal(self):
+        from fdpo.data.rehearsal import RehearsalBuffer
+
+        args = self.args
+        bs = args.rehearsal_batch_size or max(1, round(args.rehearsal_ratio * args.per_device_train_batch_size))
+        return RehearsalBuffer(
+            args.rehearsal_file,
+            tokenizer=self._tokenizer,
+            temperature=self.temperature,
+            batch_size=bs,
+            seed=args.seed,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+            chat_template_kwargs=args.chat_template_kwargs,
+            generation={
+                "top_p": self.top_p,
+                "top_k": self.top_k,
+                "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty,
+                "max_completion_length": self.max_completion_length,
+            },
+            model_name_or_path=getattr(self.accelerator.unwrap_model(self.model).config, "_name_or_path", None),
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
 
     # ------------------------------------------------------------------ reference side
 
@@ -302,7 +460,50 @@ class FGRPOTrainer(GRPOTrainer):
             self._fold_k1_into_advantages(output, mode)
         if self._fdpo_ref_hidden:
             output["fdpo_ref_hidden"] = self._reference_hidden_states(output)
+        if self.loss_type in ("disco", "fdpg"):
+            self._add_sequence_rewards(output, mode)
         return output
+
+    def _add_sequence_rewards(self, output: dict[str, Any], mode: str) -> None:
+        """Local per-rollout rewards and group ids (DisCO regroups shuffled rows; f-DPG's target needs r)."""
+        rpf = self._fdpo_rewards_per_func
+        rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
+        local = output["completion_ids"].size(0)
+        start = self.accelerator.process_index * local
+        n = self.num_generations if mode == "train" else self.num_generations_eval
+        output["fdpo_rewards"] = rewards[start : start + local]
+        output["fdpo_group"] = torch.arange(start, start + local, device=rewards.device) // n
+        if self.loss_type == "fdpg":
+            self._update_fdpg_log_z(output)
+
+    @torch.no_grad()
+    def _fdpg_sequences(self, inputs: dict[str, Any], mask: torch.Tensor, logps: torch.Tensor | None = None):
+        """(log q, log P) per rollout: q = π_old (the sampler), P = a·b or a·exp(r/β), a = π_ref (sequence)."""
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None and logps is not None else old
+        log_q = None if old is None else (old.float() * mask).sum(-1)
+        log_a = (inputs["ref_per_token_logps"].float() * mask).sum(-1)
+        r = inputs["fdpo_rewards"].float()
+        if self.args.fdpg_target == "constraint":
+            log_p = torch.where(r >= 0.5, log_a, torch.full_like(log_a, -float("inf")))
+        else:
+            log_p = log_a + r / self.args.fdpg_beta
+        return log_q, log_p
+
+    @torch.no_grad()
+    def _update_fdpg_log_z(self, output: dict[str, Any]) -> None:
+        """Add this generation batch (all processes) to the running importance-sampling estimate of log Z."""
+        mask = output["completion_mask"].float()
+        old = output.get("old_per_token_logps")
+        if old is None:
+            ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+            attn = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+            old, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, ids, attn, output["completion_ids"].size(1), batch_size=self.args.per_device_train_batch_size
+            )
+        log_q = (old.float() * mask).sum(-1)
+        _, log_p = self._fdpg_sequences(output, mask)
+        self.fdpg_state.update_log_z(self.accelerator.gather(log_p), self.accelerator.gather(log_q))
 
     def _log_group_pass_rates(self, mode: str) -> None:
         rpf = self._fdpo_rewards_per_func
@@ -416,19 +617,91 @@ class FGRPOTrainer(GRPOTrainer):
         self._metrics[mode][f"div/{self.fdpo_divergence.label}"].append((stats[0] / stats[1].clamp(min=1e-30)).item())
         return self.args.divergence_coef * value
 
-    def _compute_loss(self, model, inputs):
-        self._fdpo_capture = {}
+    def _log_metrics(self, metrics: dict[str, torch.Tensor], mode: str, prefix: str = "") -> None:
+        for name, value in metrics.items():
+            v = self.accelerator.gather(value.detach().float().reshape(1)).nanmean().item()
+            self._metrics[mode][prefix + name].append(v)
+
+    def _policy_objective(self, model, inputs, mode: str) -> torch.Tensor:
+        """TRL's policy loss (its loss_type), or DisCO / f-DPG on the same rollouts; captures log π."""
         self._fdpo_in_loss = True
         try:
-            loss = super()._compute_loss(model, inputs)
+            if self.loss_type not in ("disco", "fdpg"):
+                return super()._compute_loss(model, inputs)
+            input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=True
+            )
         finally:
             self._fdpo_in_loss = False
+        mask = inputs["completion_mask"].float()
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        self._metrics[mode]["entropy"].append(
+            (self.accelerator.gather((entropies * mask).sum()).sum() / self.accelerator.gather(mask.sum()).sum()).item()
+        )
+        old = inputs.get("old_per_token_logps")
+        if self.loss_type == "disco":
+            order = torch.argsort(inputs["fdpo_group"], stable=True)  # rows of one question together again
+            loss, metrics = disco_loss(
+                logps[order], mask[order], inputs["fdpo_rewards"][order], self.num_generations
+                if mode == "train" else self.num_generations_eval,
+                old_token_logps=None if old is None else old[order],
+                score=self.args.disco_score,
+                form=self.args.disco_form,
+                tau=self.args.disco_tau,
+                delta=self.args.disco_delta,
+                constraint_beta=self.args.disco_beta,
+                kl_estimator=self.args.disco_kl_estimator,
+            )
+        else:
+            log_q, log_p = self._fdpg_sequences(inputs, mask, logps)
+            loss, metrics = fdpg_loss(
+                (logps * mask).sum(-1), log_q, log_p, self.fdpo_divergence,
+                log_z=self.fdpg_state.log_z, baseline=self.fdpg_state.baseline,
+            )
+            if mode == "train":
+                is_mean = self.accelerator.gather(metrics["fdpg/pseudo_reward_is"].reshape(1)).mean()
+                self.fdpg_state.update_baseline(is_mean)
+        self._log_metrics(metrics, mode)
+        return loss / accum
+
+    def _rehearsal_term(self, model, mode: str) -> torch.Tensor:
+        """η · token-mean f̃(u) on the next chunk of stored π_ref samples (DPH-RL), no reference model."""
+        batch = self.rehearsal.next_batch(self.accelerator.device)
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            model, batch.input_ids, batch.attention_mask, batch.logits_to_keep
+        )
+        loss, metrics = rehearsal_loss(logps, batch.ref_logps, batch.completion_mask, self.args.rehearsal_divergence)
+        clash = self.args.divergence_coef > 0 and f"div/{self.fdpo_divergence.label}" in metrics
+        self._log_metrics(metrics if not clash else {("rehearsal/" + k): v for k, v in metrics.items()}, mode)
+        return self.args.rehearsal_coef * loss / self.current_gradient_accumulation_steps
+
+    def _chi2_term(self, inputs: dict[str, Any], mask: torch.Tensor, mode: str) -> torch.Tensor:
+        """chi2_coef · √χ² (or χ²) of the sequence log-ratios of this micro-batch's rollouts (Correlated Proxies)."""
+        logps = self._fdpo_capture["logps"]
+        seq = ((logps.float() - inputs["ref_per_token_logps"].float()) * mask).sum(-1)
+        penalty, metrics = chi2_penalty(seq, sqrt=self.args.chi2_sqrt)
+        self._log_metrics(metrics, mode)
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        return self.args.chi2_coef * penalty / accum
+
+    def _compute_loss(self, model, inputs):
+        self._fdpo_capture = {}
         mode = "train" if self.model.training else "eval"
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
-        terms: dict[str, torch.Tensor] = {"policy_loss": loss}
+        terms: dict[str, torch.Tensor] = {"policy_loss": self._policy_objective(model, inputs, mode)}
         if self.args.divergence_coef > 0 and not self.fdpo_estimator.in_reward:
-            weights = self._token_weights(mask, inputs, mode)
+            if self.loss_type in ("disco", "fdpg"):
+                accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+                weights = mask.float() / mask.sum().clamp(min=1.0) / accum  # token mean
+            else:
+                weights = self._token_weights(mask, inputs, mode)
             terms[f"penalty/{self.fdpo_divergence.label}"] = self._penalty(inputs, weights, mask)
+        if self.args.chi2_coef > 0:
+            terms["penalty/chi2_occupancy"] = self._chi2_term(inputs, mask.float(), mode)
+        if self.rehearsal is not None and mode == "train" and self.args.rehearsal_coef > 0:
+            terms[f"rehearsal/{self.args.rehearsal_divergence}"] = self._rehearsal_term(model, mode)
         check_finite_terms(terms, step=self.state.global_step + 1)
         self._fdpo_capture = {}
         return sum(terms.values())
