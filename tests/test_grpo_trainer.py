@@ -1,0 +1,239 @@
+"""FGRPOTrainer against TRL's own GRPOTrainer, reference-model bookkeeping, recipe errors and tiny training runs.
+
+Oracle for `estimator: k3_ratio`: TRL 1.16's inline KL (`beta > 0`, `use_bias_correction_kl=True`) with the
+same seed, data and reward: losses, KL values and the trained weights must agree for every loss aggregation.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def parity_reward(prompts, completions, **kwargs):
+    """A deterministic 0/1 reward of the completion text (so an untrained model gets non-zero advantages)."""
+    out = []
+    for c in completions:
+        text = c if isinstance(c, str) else c[-1]["content"]
+        out.append(float(zlib.crc32(text.encode()) % 2))
+    return out
+
+
+def _data(task_data_dir: Path, n: int = 16):
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files=str(task_data_dir / "rl.jsonl"), split="train").select(range(n))
+
+
+COMMON = dict(
+    max_steps=3,
+    per_device_train_batch_size=8,
+    num_generations=4,
+    max_completion_length=6,
+    learning_rate=3e-3,
+    logging_steps=1,
+    report_to="none",
+    bf16=False,
+    save_strategy="no",
+    seed=0,
+    disable_tqdm=True,
+)
+
+
+def _run(cls_cfg, cls_trainer, model_dir, data, out, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    args = cls_cfg(output_dir=str(out), **{**COMMON, **kw})
+    trainer = cls_trainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        reward_funcs=[parity_reward],
+        args=args,
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "loss_type,extra",
+    [("dapo", {}), ("grpo", {}), ("dr_grpo", {}), ("bnpo", {}), ("dapo", {"num_iterations": 2})],
+    ids=["dapo", "grpo", "dr_grpo", "bnpo", "dapo-2iter"],
+)
+def test_k3_ratio_matches_trl_inline_kl(tiny_model_dir, task_data_dir, tmp_path, loss_type, extra):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+
+    data = _data(task_data_dir)
+    eta = 0.5
+    trl = _run(GRPOConfig, GRPOTrainer, tiny_model_dir, data, tmp_path / "trl", beta=eta, loss_type=loss_type, **extra)
+    ours = _run(
+        FGRPOConfig, FGRPOTrainer, tiny_model_dir, data, tmp_path / "fdpo",
+        divergence_coef=eta, estimator="k3_ratio", loss_type=loss_type, **extra,
+    )
+    assert ours.beta == 0.0 and ours.ref_model is not None
+    h_trl = [h for h in trl.state.log_history if "loss" in h]
+    h_ours = [h for h in ours.state.log_history if "loss" in h]
+    assert len(h_trl) == len(h_ours) == 3
+    kls = [h["kl"] for h in h_trl]
+    assert max(kls) > 1e-4, "the KL term must be active for the comparison to mean anything"
+    for a, b in zip(h_trl, h_ours):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["div/reverse_kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7)
+        assert b.get("reward") == a.get("reward")
+    for (n, p), (_, q) in zip(trl.model.named_parameters(), ours.model.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_no_penalty_loads_no_reference_and_matches_trl_beta0(tiny_model_dir, task_data_dir, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+
+    data = _data(task_data_dir)
+    trl = _run(GRPOConfig, GRPOTrainer, tiny_model_dir, data, tmp_path / "trl", beta=0.0, max_steps=2)
+    ours = _run(FGRPOConfig, FGRPOTrainer, tiny_model_dir, data, tmp_path / "fdpo", max_steps=2)
+    assert ours.ref_model is None and not ours.has_reference_model
+    for (n, p), (_, q) in zip(trl.model.named_parameters(), ours.model.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_full_vocab_skips_reference_logps(tiny_model_dir, task_data_dir, tmp_path):
+    """full_vocab keeps the reference's hidden states instead of TRL's reference log-prob pass; at π = π_ref
+    (first step) its value is 0, then positive."""
+    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+
+    tr = _run(
+        FGRPOConfig, FGRPOTrainer, tiny_model_dir, _data(task_data_dir), tmp_path / "fv",
+        divergence_coef=0.5, estimator="full_vocab", divergence="js",
+    )
+    batch = tr._buffered_inputs[0]
+    assert "ref_per_token_logps" not in batch and "fdpo_ref_hidden" in batch
+    vals = [h["div/js"] for h in tr.state.log_history if "div/js" in h]
+    assert vals[0] == pytest.approx(0.0, abs=1e-6) and vals[-1] > 1e-5
+
+
+def test_rehearsal_only_loads_no_reference(tiny_model_dir, task_data_dir, tmp_path, monkeypatch):
+    """DPH-RL: presample (on the tiny task) then train with rehearsal and η_KL = 0: no reference model."""
+    from fdpo.data.presample import presample_recipe
+    from fdpo.recipe import load_recipe
+    from fdpo.train import run_training
+
+    out = tmp_path / "dph"
+    over = {
+        "model_name_or_path": str(tiny_model_dir),
+        "dataset_name": str(task_data_dir / "rl.jsonl"),
+        "output_dir": str(out),
+        "rehearsal_file": str(out / "dph"),
+        "reward_funcs": ["tests.test_grpo_trainer:parity_reward"],
+        "presample_n": 4,
+        "pef_threshold": 0.5,
+        "max_completion_length": 6,
+    }
+    manifest = presample_recipe(RECIPES / "tiny" / "dph_js.yaml", over)
+    assert manifest["counts"]["stored_samples"] > 0
+    recipe = load_recipe(
+        RECIPES / "tiny" / "dph_js.yaml",
+        {**over, "max_steps": 2, "per_device_train_batch_size": 8, "eval_task": None, "save_strategy": "no",
+         "logging_steps": 1},
+    )
+    from fdpo.trainers import grpo
+
+    seen = {}
+    original = grpo.FGRPOTrainer.__init__
+
+    def spy(self, *a, **k):
+        original(self, *a, **k)
+        seen["trainer"] = self
+
+    monkeypatch.setattr(grpo.FGRPOTrainer, "__init__", spy)
+    metrics = run_training(recipe)
+    tr = seen["trainer"]
+    assert tr.ref_model is None and tr.rehearsal is not None
+    assert len(tr.train_dataset) == manifest["counts"]["d_exp"]
+    assert any("div/js" in h for h in metrics["log_history"])
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ({"estimator": "k4"}, "estimator"),
+        ({"estimator": "k3", "divergence": "js", "divergence_coef": 0.1}, "divergence"),
+        ({"beta": 0.1}, "beta"),
+        ({"loss_type": "disco", "steps_per_generation": 2}, "steps_per_generation"),
+        ({"divergence": "no_such_divergence"}, "no_such_divergence"),
+    ],
+)
+def test_recipe_errors_name_the_key(tmp_path, override, fragment):
+    from fdpo.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=fragment):
+        load_recipe(RECIPES / "tiny" / "grpo_k3_ratio.yaml", {"output_dir": str(tmp_path), **override})
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_grpo_recipes_validate(path, tmp_path):
+    """Every GRPO-family recipe (tiny and GPU) loads through the recipe loader (no model is loaded)."""
+    from fdpo.recipe import load_recipe
+    from fdpo.recipe.load import read_yaml
+
+    if read_yaml(path).get("trainer") != "grpo":
+        pytest.skip("not a GRPO recipe")
+    recipe = load_recipe(path, {"output_dir": str(tmp_path)})
+    assert recipe.training_args.beta == 0.0
+
+
+TINY = ["grpo_none", "grpo_k3_ratio", "grpo_k2", "grpo_k3", "grpo_k1_reward", "grpo_generator_js",
+        "grpo_full_vocab", "grpo_chi2", "disco_log_l", "disco_l_ratio", "fdpg_js"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_recipe_trains_a_few_steps(name, tiny_sft_dir, task_data_dir, tmp_path):
+    """Each recipe, from the tiny SFT checkpoint, 2 steps with 4 rollouts: finite loss, its terms logged."""
+    from fdpo.recipe import load_recipe
+    from fdpo.train import run_training
+
+    recipe = load_recipe(
+        RECIPES / "tiny" / f"{name}.yaml",
+        {
+            "model_name_or_path": str(tiny_sft_dir),
+            "dataset_name": str(task_data_dir / "rl.jsonl"),
+            "output_dir": str(tmp_path / name),
+            "max_steps": 2,
+            "per_device_train_batch_size": 8,
+            "num_generations": 4,
+            "max_completion_length": 8,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "eval_every_steps": 0,
+            "eval_num_prompts": 2,
+            "eval_num_samples": 4,
+            "eval_ks": [1, 4],
+        },
+    )
+    metrics = run_training(recipe)
+    logs = [h for h in metrics["log_history"] if "loss" in h]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    keys = set().union(*logs)
+    args = recipe.training_args
+    if args.divergence_coef > 0:
+        assert f"div/{args.divergence if args.divergence != 'js' else 'js'}" in keys
+    if args.chi2_coef > 0:
+        assert "div/chi2_occupancy" in keys
+    if args.loss_type == "disco":
+        assert "disco/objective" in keys
+    if args.loss_type == "fdpg":
+        assert "fdpg/log_z" in keys
+    final = [h for h in metrics["log_history"] if "eval/pass@1" in h]
+    assert final and 0.0 <= final[-1]["eval/pass@1"] <= 1.0
+    history = json.loads((tmp_path / name / "eval_during_training.json").read_text())
+    assert history[-1]["step"] == 2
