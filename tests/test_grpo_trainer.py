@@ -142,8 +142,8 @@ def test_rehearsal_only_loads_no_reference(tiny_model_dir, task_data_dir, tmp_pa
     assert manifest["counts"]["stored_samples"] > 0
     recipe = load_recipe(
         RECIPES / "tiny" / "dph_js.yaml",
-        {**over, "max_steps": 2, "per_device_train_batch_size": 8, "eval_task": None, "save_strategy": "no",
-         "logging_steps": 1},
+        {**over, "max_steps": 2, "per_device_train_batch_size": 8, "eval_task": None, "save_strategy": "steps",
+         "save_steps": 1, "logging_steps": 1},
     )
     from fdpo.trainers import grpo
 
@@ -160,6 +160,9 @@ def test_rehearsal_only_loads_no_reference(tiny_model_dir, task_data_dir, tmp_pa
     assert tr.ref_model is None and tr.rehearsal is not None
     assert len(tr.train_dataset) == manifest["counts"]["d_exp"]
     assert any("div/js" in h for h in metrics["log_history"])
+    # the rehearsal stream position is checkpointed (resume continues the stream, not restarts it)
+    saved = json.loads((out / "checkpoint-2" / tr.STATE_FILE).read_text())["rehearsal"]
+    assert saved["epoch"] * len(tr.rehearsal) + saved["cursor"] == 2 * tr.rehearsal.batch_size
 
 
 @pytest.mark.parametrize(

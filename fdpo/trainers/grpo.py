@@ -336,6 +336,47 @@ class FGRPOTrainer(GRPOTrainer):
             self._check_full_vocab_model()
         self.rehearsal = self._open_rehearsal() if args.rehearsal_file is not None else None
 
+    # ------------------------------------------------------------------ checkpoint state
+
+    STATE_FILE: ClassVar[str] = "fdpo_grpo_state.json"
+
+    def _fdpo_state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.rehearsal is not None:
+            out["rehearsal"] = self.rehearsal.state_dict()
+        if self.fdpg_state is not None:
+            out["fdpg"] = self.fdpg_state.state_dict()
+        return out
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        state = self._fdpo_state()
+        if state and self.args.should_save:
+            import json
+            import os
+
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(os.path.join(folder, self.STATE_FILE), "w") as fh:
+                json.dump(state, fh)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Resume also the rehearsal stream position and f-DPG's log Z / baseline."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        import json
+        import os
+
+        path = None if checkpoint is None else os.path.join(checkpoint, self.STATE_FILE)
+        if path is None or not os.path.exists(path):
+            return
+        with open(path) as fh:
+            state = json.load(fh)
+        if self.rehearsal is not None and "rehearsal" in state:
+            self.rehearsal.load_state_dict(state["rehearsal"])
+        if self.fdpg_state is not None and "fdpg" in state:
+            self.fdpg_state.load_state_dict(state["fdpg"])
+
     # ------------------------------------------------------------------ DPH-RL rehearsal store
 
     @staticmethod
