@@ -128,9 +128,11 @@ def test_rehearsal_only_loads_no_reference(tiny_model_dir, task_data_dir, tmp_pa
     from fdpo.train import run_training
 
     out = tmp_path / "dph"
+    rows = (task_data_dir / "rl.jsonl").read_text().splitlines()[:32]
+    (tmp_path / "rl32.jsonl").write_text("\n".join(rows) + "\n")
     over = {
         "model_name_or_path": str(tiny_model_dir),
-        "dataset_name": str(task_data_dir / "rl.jsonl"),
+        "dataset_name": str(tmp_path / "rl32.jsonl"),
         "output_dir": str(out),
         "rehearsal_file": str(out / "dph"),
         "reward_funcs": ["tests.test_grpo_trainer:parity_reward"],
