@@ -121,6 +121,26 @@ def test_full_vocab_skips_reference_logps(tiny_model_dir, task_data_dir, tmp_pat
     assert vals[0] == pytest.approx(0.0, abs=1e-6) and vals[-1] > 1e-5
 
 
+def test_disco_regroups_shuffled_rollouts(tiny_model_dir, task_data_dir, tmp_path):
+    """TRL shuffles the generation batch; DisCO's groups must be whole questions again: rows with the same
+    `fdpo_group` carry the same prompt, every group has num_generations rows, and no reference is loaded."""
+    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+
+    tr = _run(FGRPOConfig, FGRPOTrainer, tiny_model_dir, _data(task_data_dir), tmp_path / "disco", loss_type="disco",
+              max_steps=1)
+    assert tr.ref_model is None
+    batch = tr._buffered_inputs[0]
+    groups = batch["fdpo_group"]
+    assert not torch.equal(groups, groups.sort().values), "expected TRL to have shuffled the rows"
+    for g in groups.unique():
+        rows = (groups == g).nonzero().flatten()
+        assert len(rows) == 4
+        prompts = batch["prompt_ids"][rows]
+        assert (prompts == prompts[0]).all()
+    logs = [h for h in tr.state.log_history if "disco/objective" in h]
+    assert logs and logs[0]["disco/groups_total"] == 2.0
+
+
 def test_rehearsal_only_loads_no_reference(tiny_model_dir, task_data_dir, tmp_path, monkeypatch):
     """DPH-RL: presample (on the tiny task) then train with rehearsal and η_KL = 0: no reference model."""
     from fdpo.data.presample import presample_recipe

@@ -514,7 +514,7 @@ class FGRPOTrainer(GRPOTrainer):
         n = self.num_generations if mode == "train" else self.num_generations_eval
         output["fdpo_rewards"] = rewards[start : start + local]
         output["fdpo_group"] = torch.arange(start, start + local, device=rewards.device) // n
-        if self.loss_type == "fdpg":
+        if self.loss_type == "fdpg" and mode == "train":
             self._update_fdpg_log_z(output)
 
     @torch.no_grad()
