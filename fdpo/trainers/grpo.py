@@ -68,7 +68,8 @@ _ESTIMATOR_HELP = (
     "any registered f. "
     "`full_vocab`: Σ_v π_ref f(π/π_ref) exactly at every completion position (chunked) → ∇D_f(π‖π_ref) exactly. "
     "k1_reward, k2, k3 and k3_ratio need `divergence: reverse_kl`. All are per-position (prefix held fixed), as "
-    "TRL's k3; values and gradients are at the sampling temperature."
+    "TRL's k3; values and gradients are at the sampling temperature. The ratio π/π_old is per token even with "
+    "`importance_sampling_level: sequence` (where TRL would use the sequence-level ratio)."
 )
 
 
