@@ -45,8 +45,9 @@ def _cmd_presample(args: argparse.Namespace, extra: list[str]) -> int:
     manifest = presample_recipe(args.recipe, parse_overrides(extra))
     c = manifest["counts"]
     print(
-        f"fdpo: presampled {c['prompts']} prompts × {manifest['generation']['n']}: D_pef {c['d_pef']} "
-        f"({100 * manifest['frac_pef']:.1f}%), D_exp {c['d_exp']}, {c['stored_samples']} rehearsal samples → "
+        f"fdpo: presampled {c['prompts']} prompts × {manifest['generation']['n']}: D_pef {c['d_pef_prompts']} prompts "
+        f"({100 * manifest['frac_pef']:.1f}%; {c['d_pef']} rows), D_exp {c['d_exp_prompts']} prompts ({c['d_exp']} rows), "
+        f"{c['stored_samples']} rehearsal samples → "
         f"{manifest['out_dir']}"
     )
     return 0

@@ -15,7 +15,9 @@ A pipeline recipe is YAML:
       - {name: eval_sft, kind: eval, checkpoint: {from_stage: sft}, task: sum_pairs, ks: [1, 4, 16]}
 
 Stage kinds: `tiny` (build the tiny model), `data` (synthetic task data), `train` (a training
-recipe; output_dir is set to the stage folder), `eval` (pass@k and diversity). `--from STAGE`
+recipe; output_dir is set to the stage folder), `presample` (DPH-RL's `fdpo presample` of a GRPO
+recipe; the rehearsal store is the stage folder, so a later train stage sets
+`rehearsal_file: {from_stage: <this stage>}`), `eval` (pass@k and diversity). `--from STAGE`
 reruns that stage and every later one; earlier stages are reused as they are.
 """
 
@@ -35,11 +37,12 @@ from fdpo.trainers.checkpoints import RUN_MARKER, run_is_complete, write_json
 
 logger = logging.getLogger("fdpo")
 
-STAGE_KINDS = ("tiny", "data", "train", "eval")
+STAGE_KINDS = ("tiny", "data", "train", "presample", "eval")
 STAGE_KEYS = {
     "tiny": {"name", "kind", "arch", "seed", "task"},
     "data": {"name", "kind", "task", "seed"},
     "train": {"name", "kind", "recipe", "overrides", "resume"},
+    "presample": {"name", "kind", "recipe", "overrides"},
     "eval": {"name", "kind", "checkpoint", "task", "ks", "num_samples", "num_prompts", "temperature",
              "max_new_tokens", "seed", "data"},
 }
@@ -99,8 +102,8 @@ def parse_pipeline(path: str | Path) -> tuple[Path, list[Stage]]:
                 )
         if any(s.name == spec["name"] for s in stages):
             raise RecipeError(f"{where}: duplicate stage name '{spec['name']}'.")
-        if kind == "train" and "recipe" not in spec:
-            raise RecipeError(f"{where} ('{spec['name']}'): a train stage needs 'recipe'.")
+        if kind in ("train", "presample") and "recipe" not in spec:
+            raise RecipeError(f"{where} ('{spec['name']}'): a {kind} stage needs 'recipe'.")
         stages.append(Stage(name=str(spec["name"]), kind=kind, spec=dict(spec), out=run_dir / str(spec["name"])))
     names = [s.name for s in stages]
     for i, stage in enumerate(stages):
@@ -146,6 +149,8 @@ def stage_is_complete(stage: Stage) -> bool:
         return (stage.out / "manifest.json").is_file()
     if stage.kind == "train":
         return run_is_complete(stage.out)
+    if stage.kind == "presample":  # the store is written atomically: its manifest means complete
+        return (stage.out / "manifest.json").is_file()
     return _eval_json(stage).is_file()
 
 
@@ -172,6 +177,11 @@ def _run_stage(stage: Stage, outputs: dict[str, Path], extra_overrides: dict[str
         metrics = run_training(recipe, resume=spec.get("resume", True))
         history = [h for h in metrics.get("log_history", []) if "loss" in h]
         return {"steps": metrics["global_step"], "final_loss": history[-1]["loss"] if history else None}
+    if stage.kind == "presample":
+        from fdpo.data.presample import presample_recipe
+
+        overrides = {**spec.get("overrides", {}), **extra_overrides, "presample_dir": str(stage.out)}
+        return _presample_metrics(presample_recipe(spec["recipe"], overrides))
     from fdpo.eval import evaluate_checkpoint, render_eval_table
 
     ks = tuple(spec.get("ks", (1, 4, 16)))
@@ -203,7 +213,15 @@ def _eval_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _presample_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
+    c = manifest["counts"]
+    return {"frac_pef": manifest["frac_pef"], "pass_rate": manifest["pass_rate"], "d_pef": c["d_pef_prompts"],
+            "d_exp": c["d_exp_prompts"], "stored_samples": c["stored_samples"]}
+
+
 def _previous_metrics(stage: Stage) -> dict[str, Any]:
+    if stage.kind == "presample" and (stage.out / "manifest.json").is_file():
+        return _presample_metrics(json.loads((stage.out / "manifest.json").read_text()))
     if stage.kind == "eval" and _eval_json(stage).is_file():
         return _eval_metrics(json.loads(_eval_json(stage).read_text()))
     if stage.kind == "train" and (stage.out / RUN_MARKER).is_file():
@@ -240,7 +258,7 @@ def run_pipeline(
         status = "resumed" if stage.out.exists() else "ran"
         logger.info("stage %s (%s): %s", stage.name, stage.kind, "resuming" if status == "resumed" else "running")
         start = time.time()
-        metrics = _run_stage(stage, outputs, extra if stage.kind == "train" else {})
+        metrics = _run_stage(stage, outputs, extra if stage.kind in ("train", "presample") else {})
         results.append(StageResult(stage.name, stage.kind, status, round(time.time() - start, 1), metrics))
     write_summary(run_dir, results)
     return results

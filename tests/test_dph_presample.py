@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,8 @@ def store(tiny_sft_dir: Path, task_data_dir: Path, tmp_path_factory: pytest.Temp
     from fdpo.cli import main
 
     tmp = tmp_path_factory.mktemp("dph")
-    rows = [json.loads(line) for line in (task_data_dir / "rl.jsonl").read_text().splitlines()[:NUM_PROMPTS]]
+    base = [json.loads(line) for line in (task_data_dir / "rl.jsonl").read_text().splitlines()[:NUM_PROMPTS]]
+    rows = [*base[:5], base[0], *base[5:], base[3], base[3]]  # duplicated prompts must stay on one side
     data = tmp / "rl.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = tmp / "grpo.yaml"
@@ -67,9 +69,10 @@ def store(tiny_sft_dir: Path, task_data_dir: Path, tmp_path_factory: pytest.Temp
         f"reward_funcs: [sum_pairs]\ntemperature: {TEMPERATURE}\nmax_completion_length: 10\n"
         "num_generations: 4\nper_device_train_batch_size: 4\npresample_batch_size: 20\nseed: 3\n"
     )
-    with pytest.warns(UserWarning, match="not registered"):
+    with warnings.catch_warnings():  # "trainer 'grpo' is not registered" until FGRPOTrainer is merged
+        warnings.simplefilter("ignore", UserWarning)
         assert main(["presample", str(recipe), "--presample_n", str(N)]) == 0
-    settings = resolve_presample_settings(recipe, {"presample_n": N, "presample_dir": str(tmp / "spy")})
+        settings = resolve_presample_settings(recipe, {"presample_n": N, "presample_dir": str(tmp / "spy")})
     spy = SpyReward()
     presample(dataclasses.replace(settings, reward_funcs=[spy]))
     return settings, tmp / "run" / "dph", tmp / "spy", spy, rows
@@ -87,49 +90,61 @@ def _samples(tensors):
         )
 
 
+def _key(row):
+    return (row["prompt"][-1]["content"], row["target"])
+
+
 def test_split_matches_the_verifier_on_every_sample(store, tiny_sft_dir):
     from transformers import AutoTokenizer
 
     _, out, spy_out, spy, rows = store
     tok = AutoTokenizer.from_pretrained(tiny_sft_dir)
-    assert len(spy.calls) == NUM_PROMPTS * N
-    # the test's own verdicts, per prompt row (samples are prompt-major, N per prompt)
+    keys = list(dict.fromkeys(_key(r) for r in rows))  # distinct prompts, first-appearance order
+    first_row = {k: next(i for i, r in enumerate(rows) if _key(r) == k) for k in keys}
+    assert len(keys) < len(rows)
+    assert len(spy.calls) == len(keys) * N  # each distinct prompt sampled n times, once
+    # the test's own verdicts, per distinct prompt (samples are prompt-major, N per prompt)
     task = get_task("sum_pairs")
-    verdicts = [[task.check(rows[i], spy.calls[i * N + j][1]) for j in range(N)] for i in range(NUM_PROMPTS)]
-    for i in range(NUM_PROMPTS):
-        for j in range(N):
-            assert spy.calls[i * N + j][0] == rows[i]["prompt"]
-    want_pef = {i for i in range(NUM_PROMPTS) if sum(verdicts[i]) >= N}  # pef_threshold 1.0 (default)
-    want_exp = set(range(NUM_PROMPTS)) - want_pef
-    assert want_pef and want_exp, "the tiny SFT model should solve some prompts always and some not"
+    verdicts = {}
+    for g, k in enumerate(keys):
+        calls = spy.calls[g * N : (g + 1) * N]
+        assert all(c[0] == rows[first_row[k]]["prompt"] for c in calls)
+        verdicts[k] = [task.check(rows[first_row[k]], c[1]) for c in calls]
+    pef_keys = {k for k in keys if sum(verdicts[k]) >= N}  # pef_threshold 1.0 (the default)
+    want_pef = {i for i, r in enumerate(rows) if _key(r) in pef_keys}
+    want_exp = set(range(len(rows))) - want_pef
+    assert pef_keys and want_exp, "the tiny SFT model should solve some prompts always and some not"
 
     for directory in (out, spy_out):  # the CLI run (named reward) and the spy run draw the same samples
         manifest, tensors = load_rehearsal_tensors(directory)
         pef = set(tensors["pef_rows"].tolist())
         exp = set(tensors["exp_rows"].tolist())
-        assert pef == want_pef and exp == want_exp and not (pef & exp) and (pef | exp) == set(range(NUM_PROMPTS))
+        assert pef == want_pef and exp == want_exp and not (pef & exp) and (pef | exp) == set(range(len(rows)))
         assert manifest["counts"] == {
-            "prompts": NUM_PROMPTS,
+            "rows": len(rows),
+            "prompts": len(keys),
             "d_pef": len(want_pef),
             "d_exp": len(want_exp),
-            "samples": NUM_PROMPTS * N,
-            "samples_correct": sum(map(sum, verdicts)),
+            "d_pef_prompts": len(pef_keys),
+            "d_exp_prompts": len(keys) - len(pef_keys),
+            "samples": len(keys) * N,
+            "samples_correct": sum(map(sum, verdicts.values())),
             "samples_finished": manifest["counts"]["samples_finished"],
-            "stored_samples": N * len(want_pef),
+            "stored_samples": N * len(pef_keys),
             "stored_tokens": int(tensors["completion_ids"].numel()),
         }
-        assert math.isclose(manifest["frac_pef"], len(want_pef) / NUM_PROMPTS)
-        # the jsonl files hold exactly those rows, unchanged
+        assert math.isclose(manifest["frac_pef"], len(pef_keys) / len(keys))
+        assert math.isclose(manifest["frac_pef_rows"], len(want_pef) / len(rows))
+        # the jsonl files hold exactly those rows (duplicates included), unchanged
         d_exp = [json.loads(x) for x in (directory / "d_exp.jsonl").read_text().splitlines()]
         d_pef = [json.loads(x) for x in (directory / "d_pef.jsonl").read_text().splitlines()]
         assert d_exp == [rows[i] for i in sorted(want_exp)]
         assert d_pef == [rows[i] for i in sorted(want_pef)]
         # every stored sample: a D_pef prompt, the verifier accepts its text, prompt ids are the template's
         stored = list(_samples(tensors))
-        assert sorted(r for r, *_ in stored) == sorted(r for r in want_pef for _ in range(N))
+        assert sorted(r for r, *_ in stored) == sorted(first_row[k] for k in pef_keys for _ in range(N))
         eos = tok.eos_token_id
         for row, p_ids, c_ids, _, mask in stored:
-            assert row in want_pef
             text = tok.decode(c_ids.tolist(), skip_special_tokens=True)
             assert task.check(rows[row], text)
             assert int(c_ids[-1]) == eos and eos not in c_ids[:-1].tolist()  # cut after the first eos, kept
@@ -139,7 +154,10 @@ def test_split_matches_the_verifier_on_every_sample(store, tiny_sft_dir):
             assert p_ids.tolist() == list(rendered)
         # the spy saw the same completions (by token ids) as were stored
         if directory == spy_out:
-            recorded = {(i, tuple(spy.calls[i * N + j][2])) for i in want_pef for j in range(N)}
+            recorded = {
+                (first_row[k], tuple(spy.calls[g * N + j][2]))
+                for g, k in enumerate(keys) if k in pef_keys for j in range(N)
+            }
             assert {(r, tuple(c.tolist())) for r, _, c, _, _ in stored} == recorded
 
 
@@ -330,7 +348,8 @@ def test_recipe_errors_name_the_key(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("trainer: grpo\nmodel_name_or_path: m\ndataset_name: d.jsonl\noutput_dir: o\n"
                       "reward_funcs: [sum_pairs]\nnum_generations: 2\nper_device_train_batch_size: 2\n")
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         with pytest.raises(RecipeError, match="pef_threshold"):
             resolve_presample_settings(recipe, {"pef_threshold": 1.5})
         with pytest.raises(RecipeError, match="presample_nn"):
@@ -340,3 +359,39 @@ def test_recipe_errors_name_the_key(tmp_path):
         s = resolve_presample_settings(recipe, {"temperature": 0.5, "top_p": 0.9})
     assert (s.temperature, s.top_p, s.n, s.pef_threshold, s.max_completion_length) == (0.5, 0.9, 8, 1.0, 512)
     assert s.out_dir == str(Path("o") / "dph")
+
+
+def test_buffer_checkpoint_state_file_roundtrip(store, tiny_sft_dir, tmp_path):
+    _, out, *_ = store
+    tok = _tok(tiny_sft_dir)
+
+    def make():
+        return RehearsalBuffer(out, tokenizer=tok, temperature=TEMPERATURE, batch_size=3, seed=4)
+
+    buf = make()
+    first = buf.next_batch()
+    assert first.input_ids.shape[0] == 3 and first.ref_logps.shape == first.completion_mask.shape
+    buf.save_state(tmp_path)
+    second = buf.next_batch()
+    again = make()
+    assert again.load_state(tmp_path) and torch.equal(again.next_batch().indices, second.indices)
+    assert not make().load_state(tmp_path / "none")
+
+
+def test_pipeline_presample_stage_runs_once_into_its_folder(store, tmp_path):
+    from fdpo.pipeline import run_pipeline
+
+    settings, *_ = store
+    pipe = tmp_path / "pipeline.yaml"
+    pipe.write_text(
+        f"run_dir: {tmp_path / 'run'}\nstages:\n  - name: dph\n    kind: presample\n"
+        f"    recipe: {settings.recipe_path}\n    overrides: {{presample_n: 2}}\n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        first = run_pipeline(pipe)
+        again = run_pipeline(pipe)
+    manifest = read_manifest(tmp_path / "run" / "dph")
+    assert manifest["generation"]["n"] == 2 and manifest["out_dir"] == str((tmp_path / "run" / "dph").resolve())
+    assert first[0].status == "ran" and again[0].status == "skipped"
+    assert again[0].metrics["d_pef"] == manifest["counts"]["d_pef_prompts"] == first[0].metrics["d_pef"]

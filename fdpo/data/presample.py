@@ -162,7 +162,8 @@ def resolve_presample_settings(path: str | Path, overrides: dict[str, Any] | Non
     """Read and validate a training recipe for presampling.
 
     Every key is checked as `fdpo train` checks it (unknown keys and wrong types are errors naming
-    the key and the file), against the recipe's trainer config plus :class:`PresampleArguments`.
+    the key and the file), against the recipe's trainer config plus :class:`PresampleArguments`
+    (a key the trainer config defines itself wins; FGRPOConfig mixes PresampleArguments in).
     A ``trainer`` not registered in fdpo (e.g. ``grpo`` before FGRPOTrainer exists) is checked
     against TRL's ``GRPOConfig``, with a warning.
     """
@@ -324,6 +325,20 @@ def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
         if t in eos:
             return ids[: j + 1], True
     return ids, False
+
+
+def group_identical_rows(rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """(group index of each row, first row of each group): rows with identical content (every column)
+    are one prompt, so a duplicated prompt cannot sit in both D_pef and D_exp."""
+    first: dict[str, int] = {}
+    group_of_row, first_rows = [], []
+    for i, row in enumerate(rows):
+        key = json.dumps(row, sort_keys=True, ensure_ascii=False, default=repr)
+        if key not in first:
+            first[key] = len(first_rows)
+            first_rows.append(i)
+        group_of_row.append(first[key])
+    return group_of_row, first_rows
 
 
 def _progress(iterable, total: int, desc: str):
@@ -490,23 +505,26 @@ def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dic
         model, tokenizer = load_policy_and_tokenizer(settings)
     eos_ids = eos_token_ids(model, tokenizer)
     rows = [dict(r) for r in dataset]
-    prompt_ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], settings.chat_template_kwargs)
+    # identical rows are one prompt: sampled once, and all their copies land on the same side
+    group_of_row, first_rows = group_identical_rows(rows)
+    urows = [rows[i] for i in first_rows]
+    prompt_ids = tokenize_prompts(tokenizer, [r["prompt"] for r in urows], settings.chat_template_kwargs)
 
     samples = sample(model, tokenizer, prompt_ids, settings, eos_ids)
-    flat_rows = [rows[i] for i in range(len(rows)) for _ in range(settings.n)]
+    flat_rows = [urows[g] for g in range(len(urows)) for _ in range(settings.n)]
     flat_ids = [ids for per_prompt in samples for ids, _ in per_prompt]
     rewards = score(reward_fns, settings.reward_weights, flat_rows, flat_ids, tokenizer, settings.batch_size)
 
     need = math.ceil(settings.pef_threshold * settings.n - 1e-9)
-    num_correct, in_pef, keep = [], [], []  # keep: (prompt row, sample j, reward)
-    for i in range(len(rows)):
-        rs = rewards[i * settings.n : (i + 1) * settings.n]
+    num_correct, in_pef, keep = [], [], []  # keep: (prompt group, sample j, reward)
+    for g in range(len(urows)):
+        rs = rewards[g * settings.n : (g + 1) * settings.n]
         correct = [j for j, r in enumerate(rs) if not math.isnan(r) and r >= settings.correct_reward]
         num_correct.append(len(correct))
         pef = len(correct) >= need
         in_pef.append(pef)
         if pef:
-            keep.extend((i, j, rs[j]) for j in correct)
+            keep.extend((g, j, rs[j]) for j in correct)
 
     kept_prompts = [prompt_ids[i] for i, _, _ in keep]
     kept_completions = [samples[i][j][0] for i, j, _ in keep]
@@ -528,8 +546,8 @@ def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dic
     p_flat, p_off = flat(kept_prompts, torch.int32)
     c_flat, c_off = flat(kept_completions, torch.int32)
     lp_flat, _ = flat(logps, torch.float32)
-    pef_rows = [i for i, p in enumerate(in_pef) if p]
-    exp_rows = [i for i, p in enumerate(in_pef) if not p]
+    pef_rows = [i for i, g in enumerate(group_of_row) if in_pef[g]]
+    exp_rows = [i for i, g in enumerate(group_of_row) if not in_pef[g]]
     tensors = {
         "prompt_ids": p_flat,
         "prompt_offsets": p_off,
@@ -537,15 +555,16 @@ def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dic
         "completion_offsets": c_off,
         "completion_mask": torch.ones(c_flat.numel(), dtype=torch.int8),
         "ref_logps": lp_flat,
-        "sample_prompt_row": torch.tensor([i for i, _, _ in keep], dtype=torch.long),
+        "sample_prompt_row": torch.tensor([first_rows[g] for g, _, _ in keep], dtype=torch.long),
         "sample_reward": torch.tensor([r for _, _, r in keep], dtype=torch.float32),
-        "prompt_num_correct": torch.tensor(num_correct, dtype=torch.long),
-        "prompt_in_pef": torch.tensor(in_pef, dtype=torch.int8),
+        "prompt_group": torch.tensor(group_of_row, dtype=torch.long),
+        "prompt_num_correct": torch.tensor([num_correct[g] for g in group_of_row], dtype=torch.long),
+        "prompt_in_pef": torch.tensor([in_pef[g] for g in group_of_row], dtype=torch.int8),
         "pef_rows": torch.tensor(pef_rows, dtype=torch.long),
         "exp_rows": torch.tensor(exp_rows, dtype=torch.long),
     }
     finished = sum(f for per_prompt in samples for _, f in per_prompt)
-    total = len(rows) * settings.n
+    total = len(urows) * settings.n
     valid = [r for r in rewards if not math.isnan(r)]
     manifest = {
         "recipe": settings.recipe_path,
@@ -566,16 +585,20 @@ def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dic
         "pef_min_correct": need,
         "tokenizer": tokenizer_fingerprint(tokenizer, chat_template_kwargs=settings.chat_template_kwargs),
         "counts": {
-            "prompts": len(rows),
+            "rows": len(rows),
+            "prompts": len(urows),
             "d_pef": len(pef_rows),
             "d_exp": len(exp_rows),
+            "d_pef_prompts": sum(in_pef),
+            "d_exp_prompts": len(urows) - sum(in_pef),
             "samples": total,
             "samples_correct": sum(num_correct),
             "samples_finished": int(finished),
             "stored_samples": len(keep),
             "stored_tokens": int(c_flat.numel()),
         },
-        "frac_pef": len(pef_rows) / max(len(rows), 1),
+        "frac_pef": sum(in_pef) / max(len(urows), 1),
+        "frac_pef_rows": len(pef_rows) / max(len(rows), 1),
         "mean_reward": sum(valid) / max(len(valid), 1),
         "pass_rate": sum(num_correct) / max(total, 1),
         "created_unix": time.time(),
@@ -590,9 +613,10 @@ def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dic
 
     out = write_rehearsal_dir(settings.out_dir, manifest, tensors, {D_EXP: jsonl(exp_rows), D_PEF: jsonl(pef_rows)})
     logger.info(
-        "presample: %d prompts × %d samples, pass rate %.3f; D_pef %d (%.1f%%), D_exp %d; %d samples stored in %s",
-        len(rows), settings.n, manifest["pass_rate"], len(pef_rows), 100 * manifest["frac_pef"], len(exp_rows),
-        len(keep), settings.out_dir,
+        "presample: %d prompts (%d rows) × %d samples, pass rate %.3f; D_pef %d prompts (%.1f%%), D_exp %d; "
+        "%d samples stored in %s",
+        len(urows), len(rows), settings.n, manifest["pass_rate"], sum(in_pef), 100 * manifest["frac_pef"],
+        len(urows) - sum(in_pef), len(keep), settings.out_dir,
     )
     return read_manifest(out)
 

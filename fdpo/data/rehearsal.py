@@ -13,9 +13,11 @@
   to and including its first eos, as TRL's GRPOTrainer keeps it), ``completion_offsets`` int64
   (N+1), ``completion_mask`` int8 (aligned with ``completion_ids``), ``ref_logps`` float32
   (aligned: log π_ref(y_t | x, y_<t) of the logits divided by the sampling temperature, from a
-  teacher-forced forward), ``sample_prompt_row`` int64 (N, the sample's row in the training data),
-  ``sample_reward`` float32 (N); per prompt row of the training data: ``prompt_num_correct`` int64
-  and ``prompt_in_pef`` int8; ``pef_rows``/``exp_rows`` int64 (the split, as row indices).
+  teacher-forced forward), ``sample_prompt_row`` int64 (N, the first training-data row of the
+  sample's prompt), ``sample_reward`` float32 (N); per row of the training data: ``prompt_group``
+  int64 (identical rows form one prompt, sampled once, on one side of the split),
+  ``prompt_num_correct`` int64 (of its prompt's n samples) and ``prompt_in_pef`` int8;
+  ``pef_rows``/``exp_rows`` int64 (the split, as row indices).
 - ``d_exp.jsonl`` / ``d_pef.jsonl``: the training-data rows (every column, unchanged) of D_exp (the
   prompts RL trains on) and of D_pef.
 
@@ -51,10 +53,13 @@ SAMPLES = "rehearsal.safetensors"
 D_EXP = "d_exp.jsonl"
 D_PEF = "d_pef.jsonl"
 
-#: manifest["generation"] keys that must equal the training config's (a mismatch is refused).
-STRICT_GENERATION_KEYS = ("temperature",)
-#: keys compared and only warned about: they change which samples were drawn, not log π_ref.
+#: manifest["generation"] keys compared with training and only warned about: they change which samples
+#: were drawn, not log π_ref (the temperature, which changes log π_ref, is refused on mismatch).
 SOFT_GENERATION_KEYS = ("top_p", "top_k", "min_p", "repetition_penalty", "max_completion_length")
+
+
+#: file a trainer may write into each checkpoint with `RehearsalBuffer.save_state`
+STATE_FILE = "rehearsal_state.json"
 
 
 class RehearsalMismatchError(RecipeError):
@@ -518,6 +523,20 @@ class RehearsalBuffer:
         self._epoch = int(state["epoch"])
         self._cursor = int(state["cursor"])
         self._perm = None
+
+    def save_state(self, checkpoint_dir: str | os.PathLike) -> Path:
+        """Write ``state_dict()`` as JSON into a checkpoint directory (``rehearsal_state.json``)."""
+        path = Path(checkpoint_dir) / STATE_FILE
+        path.write_text(json.dumps(self.state_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    def load_state(self, checkpoint_dir: str | os.PathLike) -> bool:
+        """Resume from a checkpoint's ``rehearsal_state.json``; False (state unchanged) if it has none."""
+        path = Path(checkpoint_dir) / STATE_FILE
+        if not path.is_file():
+            return False
+        self.load_state_dict(json.loads(path.read_text()))
+        return True
 
 
 def _short(value: Any) -> str:
