@@ -242,6 +242,22 @@ def test_ratio_continuation_is_c1():
         assert y[2].item() == pytest.approx(exact(c - 3.0), rel=1e-12)
 
 
+def test_padding_values_are_ignored():
+    """−inf / NaN in padded positions change nothing (value or gradient)."""
+    logp, mask, rewards, old = make_batch(9, old_scale=0.05)
+    dirty, dirty_old = logp.clone(), old.clone()
+    dirty[mask == 0] = -math.inf
+    dirty_old[mask == 0] = math.nan
+    for score in ("log_l", "l_ratio"):
+        for kl in ("k1", "k3"):
+            x, y = logp.clone().requires_grad_(True), dirty.clone().requires_grad_(True)
+            a = disco_loss(x, mask, rewards, 4, old_token_logps=old, score=score, kl_estimator=kl)[0]
+            b = disco_loss(y, mask, rewards, 4, old_token_logps=dirty_old, score=score, kl_estimator=kl)[0]
+            assert a.item() == b.item()
+            (ga,), (gb,) = torch.autograd.grad(a, x), torch.autograd.grad(b, y)
+            assert torch.equal(ga, gb)
+
+
 def test_bad_inputs():
     logp, mask, rewards, _ = make_batch(8)
     with pytest.raises(ValueError, match="multiple of group_size"):

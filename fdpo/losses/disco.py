@@ -79,6 +79,7 @@ def disco_scores(
     if score not in SCORES:
         raise ValueError(f"unknown DisCO score {score!r}; valid: {list(SCORES)}")
     logp = _upcast(token_logps)
+    logp = torch.where(mask.bool(), logp, torch.zeros_like(logp))  # padding may hold −inf or garbage
     m = mask.to(logp.dtype)
     n = m.sum(-1).clamp(min=1.0)
     if score == "log_l":
@@ -101,8 +102,12 @@ def disco_kl(
     logp = _upcast(token_logps)
     m = mask.to(logp.dtype)
     if old_token_logps is None:
-        return (logp * 0.0 * m).sum()  # π_old = sg(π): KL̂ = 0 (kept in the graph)
-    old_minus_new = _upcast(old_token_logps).detach().to(logp.dtype) - logp
+        return torch.zeros((), dtype=logp.dtype, device=logp.device)  # π_old = sg(π): KL̂ = 0
+    keep = mask.bool()
+    old = _upcast(old_token_logps).detach().to(logp.dtype)
+    old_minus_new = torch.where(keep, old, torch.zeros_like(old)) - torch.where(
+        keep, logp, torch.zeros_like(logp)
+    )
     # k1 = log π_old − log π; k3 = r − 1 − log r with log r = log π − log π_old
     k = old_minus_new if kl_estimator == "k1" else _k3_capped(-old_minus_new)
     return (k * m).sum() / m.sum().clamp(min=1.0)

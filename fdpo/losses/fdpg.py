@@ -21,7 +21,9 @@ reverse KL gives RL with a KL penalty (R = log p − log π − 1), forward KL g
 Z is a running importance-sampling estimate log Z = log mean_{all seen x} P(x)/q(x) and B a
 moving average of the importance-weighted pseudo-reward mean_i[(π/q) R] (an estimate of E_π[R]):
 both kept by :class:`FDPGState` (update Z with the batch before the loss, B after it, so that the
-baseline never depends on the samples it multiplies).
+baseline never depends on the samples it multiplies). objectives.md §9 fixes only "a moving-average
+baseline"; what it averages is fdpo's choice (E_π[R] is the natural constant baseline), and any
+constant B leaves the expected gradient unchanged (the tests check this exactly).
 
 Numerics: everything is computed in ≥ fp32 from log-ratios; the per-sample coefficient
 w·(R − B) is formed in log space as sign·exp(log w + log|R − B|) and its magnitude capped at

@@ -65,6 +65,14 @@ TRAINERS: dict[str, TrainerSpec] = {
         column_sets=(("prompt",),),
         text_columns=("prompt",),
     ),
+    "d2o": TrainerSpec(
+        name="d2o",
+        module="fdpo.trainers.d2o",
+        trainer_name="FD2OTrainer",
+        config_name="FD2OConfig",
+        column_sets=(("prompt", "rejected"),),
+        text_columns=("prompt", "rejected"),
+    ),
 }
 
 
