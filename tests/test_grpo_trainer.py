@@ -262,3 +262,25 @@ def test_tiny_recipe_trains_a_few_steps(name, tiny_sft_dir, task_data_dir, tmp_p
     assert final and 0.0 <= final[-1]["eval/pass@1"] <= 1.0
     history = json.loads((tmp_path / name / "eval_during_training.json").read_text())
     assert history[-1]["step"] == 2
+
+
+@pytest.mark.parametrize("estimator", ["k3_ratio", "full_vocab"])
+def test_peft_reference_is_the_adapter_free_base(tiny_model_dir, task_data_dir, tmp_path, estimator):
+    """With LoRA no reference copy is loaded (TRL's adapter-disabled base serves both the reference log-probs
+    and, for full_vocab, the reference hidden states); the divergence starts at 0 and grows as the adapter trains."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+
+    args = FGRPOConfig(output_dir=str(tmp_path / "peft"), **{**COMMON, "learning_rate": 3e-2},
+                       divergence_coef=0.5, estimator=estimator)
+    tr = FGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[parity_reward], args=args,
+        train_dataset=_data(task_data_dir), processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    tr.train()
+    assert tr.ref_model is None
+    vals = [h["div/reverse_kl"] for h in tr.state.log_history if "div/reverse_kl" in h]
+    assert abs(vals[0]) < 1e-6 and vals[-1] > 1e-6
