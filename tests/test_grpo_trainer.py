@@ -284,3 +284,30 @@ def test_peft_reference_is_the_adapter_free_base(tiny_model_dir, task_data_dir, 
     assert tr.ref_model is None
     vals = [h["div/reverse_kl"] for h in tr.state.log_history if "div/reverse_kl" in h]
     assert abs(vals[0]) < 1e-6 and vals[-1] > 1e-6
+
+
+def test_reference_logps_are_the_initial_model_at_the_sampling_temperature(tiny_model_dir, task_data_dir, tmp_path):
+    """The reference log-probs fdpo's penalty uses (TRL's reference pass, switched on only during generation) equal
+    an independent forward of the initial checkpoint: log_softmax(logits / T) of the sampled tokens, after the
+    policy has moved (step 2), and the policy's own log-probs differ from them."""
+    from transformers import AutoModelForCausalLM
+
+    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+
+    T = 0.7
+    tr = _run(FGRPOConfig, FGRPOTrainer, tiny_model_dir, _data(task_data_dir), tmp_path / "k2",
+              divergence_coef=0.5, estimator="k2", temperature=T, max_steps=2)
+    batch = tr._buffered_inputs[0]
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    c = batch["completion_ids"].size(1)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).double().eval()
+    with torch.no_grad():
+        logits = ref(input_ids=ids, attention_mask=attn).logits[:, -c - 1 : -1] / T
+        want = logits.log_softmax(-1).gather(-1, batch["completion_ids"][..., None])[..., 0]
+    m = batch["completion_mask"].bool()
+    torch.testing.assert_close(batch["ref_per_token_logps"][m].double(), want[m], rtol=0, atol=2e-5)
+    with torch.no_grad():
+        pol = tr.model(input_ids=ids, attention_mask=attn).logits[:, -c - 1 : -1].double() / T
+    moved = pol.log_softmax(-1).gather(-1, batch["completion_ids"][..., None])[..., 0]
+    assert (moved[m] - want[m]).abs().max() > 1e-3
