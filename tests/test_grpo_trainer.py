@@ -311,3 +311,52 @@ def test_reference_logps_are_the_initial_model_at_the_sampling_temperature(tiny_
         pol = tr.model(input_ids=ids, attention_mask=attn).logits[:, -c - 1 : -1].double() / T
     moved = pol.log_softmax(-1).gather(-1, batch["completion_ids"][..., None])[..., 0]
     assert (moved[m] - want[m]).abs().max() > 1e-3
+
+
+def test_k1_reward_advantages_from_an_independent_recomputation(tiny_model_dir, task_data_dir, tmp_path):
+    """k1_reward: the advantages of the second generation batch equal, recomputed from scratch, the group-normalised
+    (r − η Σ_t [log π_old − log π_ref]) with π_old = the policy after step 1 (snapshotted by a callback), π_ref = the
+    initial checkpoint, both at the sampling temperature, r = the reward of the decoded completion."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+
+    class Snapshot(TrainerCallback):
+        state = None
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                Snapshot.state = copy.deepcopy(model.state_dict())
+
+    eta, T = 2.0, 0.9
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = FGRPOConfig(output_dir=str(tmp_path / "k1"), **{**COMMON, "max_steps": 2, "temperature": T},
+                       divergence_coef=eta, estimator="k1_reward")
+    tr = FGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[parity_reward],
+                      args=args, train_dataset=_data(task_data_dir), processing_class=tok, callbacks=[Snapshot()])
+    tr.train()
+    b = tr._buffered_inputs[0]
+    ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
+    attn = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
+    c, m = b["completion_ids"].size(1), b["completion_mask"].double()
+
+    def seq_logp(state_dict):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        with torch.no_grad():
+            logits = model.double()(input_ids=ids, attention_mask=attn).logits[:, -c - 1 : -1] / T
+        return (logits.log_softmax(-1).gather(-1, b["completion_ids"][..., None])[..., 0] * m).sum(-1)
+
+    k1 = seq_logp(Snapshot.state) - seq_logp(None)
+    assert k1.abs().max() > 1e-3
+    texts = [tok.decode(row[mask.bool()], skip_special_tokens=True) for row, mask in zip(b["completion_ids"], m)]
+    r = torch.tensor(parity_reward(None, texts), dtype=torch.float64) - eta * k1
+    groups = [tuple(x.tolist()) for x in b["prompt_ids"]]
+    want = torch.empty_like(r)
+    for g in set(groups):
+        rows = torch.tensor([i for i, x in enumerate(groups) if x == g])
+        want[rows] = (r[rows] - r[rows].mean()) / (r[rows].std() + 1e-4)
+    torch.testing.assert_close(b["advantages"].double(), want, rtol=1e-4, atol=1e-4)
