@@ -431,6 +431,12 @@ class FGRPOTrainer(GRPOTrainer):
         return self.ref_model is not None
 
     def _check_full_vocab_model(self) -> None:
+        ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_fsdp_enabled or (self.is_deepspeed_enabled and getattr(ds_plugin, "zero_stage", 0) == 3):
+            raise ValueError(
+                "key 'estimator' = 'full_vocab' reads the LM-head weights outside the model's forward, which FSDP and "
+                "DeepSpeed ZeRO-3 shard; use `estimator: generator` (unbiased, any f) or ZeRO-2 / DDP."
+            )
         cfg = self.accelerator.unwrap_model(self.model).config.get_text_config()
         scale = next(
             (getattr(cfg, k) for k in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
