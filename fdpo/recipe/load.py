@@ -170,23 +170,24 @@ def validate_keys(
     data: dict[str, Any], classes: list[type], *, where: str
 ) -> list[dict[str, Any]]:
     """Split `data` over `classes` by field name, checking names and types of every value."""
-    owners: dict[str, tuple[int, dataclasses.Field, Any]] = {}
+    # a key several classes declare (e.g. `eval_task`: the recipe's and a trainer's own hook) goes to each
+    owners: dict[str, list[tuple[int, dataclasses.Field, Any]]] = {}
     for idx, cls in enumerate(classes):
         hints = _hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
-            owners.setdefault(f.name, (idx, f, hints.get(f.name, f.type)))
+            owners.setdefault(f.name, []).append((idx, f, hints.get(f.name, f.type)))
     per_class: list[dict[str, Any]] = [{} for _ in classes]
     for key, value in data.items():
         if key not in owners:
             hint = nearest(key, owners)
             extra = f" Did you mean '{hint}'?" if hint else " Run `fdpo keys TRAINER` to list valid keys."
             raise RecipeError(f"{where}: unknown key '{key}'.{extra}")
-        idx, f, tp = owners[key]
-        value = _coerce_yaml_float(value, tp)
-        checked_field = _with_type(f, tp)
-        per_class[idx][key] = check_field(checked_field, value, where=where)
+        for idx, f, tp in owners[key]:
+            coerced = _coerce_yaml_float(value, tp)
+            checked_field = _with_type(f, tp)
+            per_class[idx][key] = check_field(checked_field, coerced, where=where)
     return per_class
 
 

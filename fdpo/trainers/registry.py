@@ -63,6 +63,14 @@ TRAINERS: dict[str, TrainerSpec] = {
         column_sets=(("messages",), ("prompt", "completion")),
         text_columns=("prompt", "completion", "messages"),
     ),
+    "grpo": TrainerSpec(
+        name="grpo",
+        module="fdpo.trainers.grpo",
+        trainer_name="FGRPOTrainer",
+        config_name="FGRPOConfig",
+        column_sets=(("prompt",),),
+        text_columns=("prompt",),
+    ),
     "d2o": TrainerSpec(
         name="d2o",
         module="fdpo.trainers.d2o",

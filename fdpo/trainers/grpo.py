@@ -1,0 +1,755 @@
+"""`FGRPOTrainer`: TRL's GRPOTrainer with a selectable divergence penalty η·D_f(π‖π_ref) (objectives.md §1, §6).
+
+The math lives in `fdpo.losses.grpo_penalty` (estimators, their gradients) and `fdpo.divergences`
+(full-vocabulary evaluation); this class gathers the tensors and logs.
+
+How it hooks TRL 1.16 (read `trl/trainer/grpo_trainer.py`):
+
+- TRL reads `self.beta` in three places: at construction (beta ≠ 0 builds a reference model, or uses the
+  LoRA base with the adapter disabled), in `_generate_and_score_completions` (beta ≠ 0 computes
+  `ref_per_token_logps`) and in `_compute_loss` (beta ≠ 0 adds its inline k3 term). `FGRPOConfig.beta`
+  stays 0; `FGRPOTrainer.beta` is a property that reads non-zero only at construction and during
+  generation, and only when the chosen regulariser needs the reference log-probs. So TRL's own
+  reference machinery (model creation, fp32 LM head, fused head at the sampling temperature,
+  DeepSpeed/FSDP preparation, PEFT adapter disabling) serves fdpo, and TRL never adds its own KL:
+  fdpo's regulariser REPLACES it rather than sitting beside it.
+- `_compute_loss` runs TRL's (policy loss, clipping, entropy bonus, metrics) and adds
+  η·Σ_{b,t} w_{bt}·penalty_{bt}, where w are the token weights of TRL's aggregation for the
+  configured `loss_type` (so the sum equals TRL's inline `beta·per_token_kl` placement exactly). The
+  policy log-probs with gradient are taken from TRL's own forward (no second policy forward).
+- `estimator: full_vocab` needs the policy's final hidden states: a forward hook on the backbone
+  captures them during that same forward; the reference's hidden states are computed once per
+  generation batch (one no-grad backbone pass instead of TRL's reference log-prob pass), and
+  `full_vocab_divergence_from_hidden` projects both through their LM heads chunk by chunk.
+- `estimator: k1_reward` subtracts η·Σ_t k1_t from each rollout's reward and recomputes the group
+  advantages (the PPO-RLHF way); π_old's log-probs come from TRL when it computes them, else from one
+  extra no-grad forward.
+
+Traps handled: TRL recomputes reference log-probs every generation batch (so does fdpo, only when
+needed); log-probs of policy and reference are taken at the SAMPLING temperature (TRL's fused head),
+so every estimator regularises D_f between the temperature-scaled distributions (full_vocab too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import use_adapter
+
+from fdpo.data.presample import PresampleArguments
+from fdpo.divergences import full_vocab_divergence_from_hidden, get_divergence
+from fdpo.losses.chi2 import chi2_penalty
+from fdpo.losses.disco import disco_loss
+from fdpo.losses.dph import rehearsal_loss
+from fdpo.losses.fdpg import FDPGState, fdpg_loss
+from fdpo.losses.grpo_penalty import (
+    ESTIMATORS,
+    check_estimator,
+    group_advantages,
+    per_token_penalty,
+    sequence_k1,
+)
+from fdpo.trainers.guards import check_finite_terms
+
+_ESTIMATOR_HELP = (
+    "How η·D_f(π‖π_ref) is estimated on rollouts and which gradient it follows (objectives.md §1): "
+    "`k1_reward`: k1 = log π − log π_ref summed over the completion and subtracted from the reward before the "
+    "group advantages (PPO-RLHF); gradient ∇KL(π‖π_ref) through the policy gradient (k1 used as a loss has "
+    "expected gradient 0, hence in the reward). "
+    "`k2`: ½ℓ² as a loss (biased value) → ∇KL(π‖π_ref). "
+    "`k3`: e^−ℓ − 1 + ℓ as a loss (unbiased value of the reverse KL) → ∇KL(π_ref‖π), the FORWARD-KL gradient. "
+    "`k3_ratio`: (π/π_old)·k3 (TRL 1.16's default `use_bias_correction_kl`) → ∇KL(π‖π_ref), reverse. "
+    "`generator`: (π/π_old)·f̃(u)/u, the unbiased E_π[f(u)/u] with its score-function term → ∇D_f(π‖π_ref), "
+    "any registered f. "
+    "`full_vocab`: Σ_v π_ref f(π/π_ref) exactly at every completion position (chunked) → ∇D_f(π‖π_ref) exactly. "
+    "k1_reward, k2, k3 and k3_ratio need `divergence: reverse_kl`. All are per-position (prefix held fixed), as "
+    "TRL's k3; values and gradients are at the sampling temperature. The ratio π/π_old is per token even with "
+    "`importance_sampling_level: sequence` (where TRL would use the sequence-level ratio)."
+)
+
+
+@dataclass
+class FGRPOConfig(GRPOConfig, PresampleArguments):
+    """Configuration of `FGRPOTrainer`: every field of `trl.GRPOConfig`, plus the divergence penalty.
+
+    TRL's `beta` must stay 0: set `divergence_coef` (η) and `estimator` instead; `estimator: k3_ratio` with
+    `divergence: reverse_kl` is TRL's `beta = η` with its default bias correction. The keys of
+    `fdpo presample` (`presample_n`, `pef_threshold`, ...) are accepted so one recipe serves both stages.
+    `loss_type` also takes `disco` (DisCO, objectives.md §8) and `fdpg` (f-DPG, §9).
+    """
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["synthetic_task"],
+        metadata={
+            "help": "Reward functions by name (fdpo.rewards: `synthetic_task`, a task name such as `sum_pairs`, "
+            "`math_verify`, `exact_match`) or dotted path `pkg.module:function`; weights in `reward_weights`."
+        },
+    )
+    divergence: str = field(
+        default="reverse_kl",
+        metadata={"help": "f-divergence D_f(π‖π_ref) of the penalty (fdpo's registry; aliases accepted)."},
+    )
+    alpha: float | None = field(
+        default=None,
+        metadata={"help": "α of `divergence: alpha` in the f-DPO paper's convention (α→0 reverse KL, α→1 forward KL)."},
+    )
+    divergence_params: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Other keyword parameters of the divergence, passed to the registry."}
+    )
+    divergence_coef: float = field(
+        default=0.0,
+        metadata={"help": "η, the coefficient of the divergence penalty (0: no penalty, no reference model)."},
+    )
+    estimator: str = field(
+        default="k3_ratio", metadata={"help": _ESTIMATOR_HELP, "choices": list(ESTIMATORS)}
+    )
+    full_vocab_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Positions per chunk of `estimator: full_vocab` (None: about 2M logits per chunk on CPU)."},
+    )
+    chi2_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Correlated Proxies (ICLR 2025) χ² occupancy penalty: coefficient of mean_batch(R + 1/R − 2), "
+            "R = e^L, L the sequence log-ratio log π − log π_ref of each rollout (released RLHF run: 0.0008 with "
+            "`chi2_sqrt: true`). Needs the reference model."
+        },
+    )
+    chi2_sqrt: bool = field(
+        default=True, metadata={"help": "Penalise √max(χ², 1e-4) (the released code) instead of χ²."}
+    )
+    rehearsal_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "DPH-RL: the store written by `fdpo presample` (its directory, by default <output_dir>/dph, "
+            "or manifest.json). Each step adds `rehearsal_coef` × token-mean f̃(u) on stored π_ref samples; "
+            "no reference model is loaded for it. A tokenizer/chat-template/temperature mismatch is refused."
+        },
+    )
+    rehearsal_divergence: str = field(
+        default="forward_kl",
+        metadata={"help": "DPH-RL: f of the rehearsal term (any registry entry or label, e.g. `js`, `alpha(0.5)`)."},
+    )
+    rehearsal_coef: float = field(
+        default=0.02, metadata={"help": "DPH-RL: η of the rehearsal term (paper: 0.01–0.05 forward KL, 0.05–0.2 JS)."}
+    )
+    rehearsal_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "DPH-RL: stored samples per micro-batch and process (None: from `rehearsal_ratio`)."},
+    )
+    rehearsal_ratio: float = field(
+        default=0.125,
+        metadata={
+            "help": "DPH-RL: rehearsal samples per RL rollout when `rehearsal_batch_size` is unset "
+            "(paper: 256 per 2048 = 0.125); at least one sample per micro-batch."
+        },
+    )
+    rehearsal_train_on_exp: bool = field(
+        default=True,
+        metadata={"help": "DPH-RL: run RL on the store's D_exp prompts (d_exp.jsonl) instead of `dataset_name`."},
+    )
+    disco_score: str = field(
+        default="log_l",
+        metadata={"help": "DisCO (`loss_type: disco`): length-normalised score `log_l` or `l_ratio`.",
+                  "choices": ["log_l", "l_ratio"]},
+    )
+    disco_form: str = field(
+        default="dro",
+        metadata={"help": "DisCO: `dro` (τ log-mean-exp over negatives) or `basic`.", "choices": ["dro", "basic"]},
+    )
+    disco_tau: float | None = field(
+        default=None, metadata={"help": "DisCO: τ of the DRO form (None: 10 for log_l, 1 for l_ratio)."}
+    )
+    disco_delta: float = field(default=1e-4, metadata={"help": "DisCO: trust-region radius δ of KL(π_old‖π)."})
+    disco_beta: float = field(default=1e3, metadata={"help": "DisCO: β of the squared hinge (β/2)[KL̂ − δ]₊²."})
+    disco_kl_estimator: str = field(
+        default="k1", metadata={"help": "DisCO: KL̂ estimator `k1` or `k3`.", "choices": ["k1", "k3"]}
+    )
+    fdpg_target: str = field(
+        default="constraint",
+        metadata={
+            "help": "f-DPG (`loss_type: fdpg`, f = `divergence`): target p ∝ a(x)·b(x) with b = 1[reward ≥ 0.5] "
+            "(`constraint`, GDC) or p ∝ a(x)·exp(r(x)/fdpg_beta) (`reward`); a = the reference (initial) model.",
+            "choices": ["constraint", "reward"],
+        },
+    )
+    fdpg_beta: float = field(default=0.1, metadata={"help": "f-DPG: β of the target a(x)·exp(r(x)/β)."})
+    fdpg_baseline_momentum: float = field(
+        default=0.99, metadata={"help": "f-DPG: momentum of the moving-average baseline B."}
+    )
+    eval_task: str | None = field(
+        default=None,
+        metadata={"help": "Synthetic task whose held-out prompts the pass@k hook samples (e.g. sum_pairs)."},
+    )
+    eval_every_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every this many optimizer steps (and at the start and end of training) sample `eval_num_samples` "
+            "completions on `eval_num_prompts` held-out prompts of `eval_task` and log eval/pass@k, "
+            "eval/distinct_correct (0: only at the end when `eval_task` is set)."
+        },
+    )
+    eval_ks: list[int] = field(
+        default_factory=lambda: [1, 4, 16], metadata={"help": "k values of the unbiased pass@k hook."}
+    )
+    eval_num_prompts: int = field(default=32, metadata={"help": "Held-out prompts sampled by the pass@k hook."})
+    eval_num_samples: int = field(default=16, metadata={"help": "Samples per prompt of the pass@k hook (≥ max k)."})
+    eval_temperature: float | None = field(
+        default=None, metadata={"help": "Sampling temperature of the pass@k hook (None: `temperature`)."}
+    )
+
+    def divergence_kwargs(self) -> dict[str, Any]:
+        params = dict(self.divergence_params or {})
+        if self.alpha is not None:
+            if "alpha" in params and params["alpha"] != self.alpha:
+                raise ValueError(f"alpha is given twice: alpha={self.alpha} and divergence_params={params}")
+            params["alpha"] = self.alpha
+        return params
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any configured term needs π_ref at training time (DPH-RL rehearsal does not)."""
+        return self.divergence_coef > 0 or self.chi2_coef > 0 or self.loss_type == "fdpg"
+
+    @property
+    def needs_ref_logps(self) -> bool:
+        """Whether TRL must compute per-token reference log-probs of each generation batch."""
+        sampled_penalty = self.divergence_coef > 0 and self.estimator != "full_vocab"
+        return sampled_penalty or self.chi2_coef > 0 or self.loss_type == "fdpg"
+
+    def __post_init__(self):
+        if self.beta != 0.0:
+            raise ValueError(
+                f"FGRPOConfig: key 'beta' = {self.beta}: set `divergence_coef` (η) and `estimator` instead of TRL's "
+                "`beta` (TRL's default is `estimator: k3_ratio` with `divergence: reverse_kl`)."
+            )
+        if self.divergence_coef < 0:
+            raise ValueError(f"FGRPOConfig: key 'divergence_coef' must be ≥ 0, got {self.divergence_coef}.")
+        for key in ("chi2_coef", "rehearsal_coef"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"FGRPOConfig: key '{key}' must be ≥ 0, got {getattr(self, key)}.")
+        try:
+            div = get_divergence(self.divergence, **self.divergence_kwargs())
+            if self.divergence_coef > 0:
+                check_estimator(self.estimator, div)
+            elif self.estimator not in ESTIMATORS:
+                check_estimator(self.estimator, "reverse_kl")
+            if self.rehearsal_file is not None:
+                self.rehearsal_divergence = get_divergence(self.rehearsal_divergence).label
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"FGRPOConfig: {exc}") from exc
+        if self.loss_type in ("disco", "fdpg") and self.importance_sampling_level != "token":
+                raise ValueError(f"FGRPOConfig: key 'loss_type' = {self.loss_type!r} needs importance_sampling_level 'token'.")
+        if self.loss_type == "disco":
+            if self.steps_per_generation not in (None, 1) or self.generation_batch_size is not None:
+                raise ValueError(
+                    "FGRPOConfig: key 'loss_type' = 'disco' scores whole question groups in one micro-batch; set "
+                    "`steps_per_generation: 1` (and no `generation_batch_size`)."
+                )
+            self.steps_per_generation = 1
+            if self.per_device_train_batch_size % (self.num_generations or 1):
+                raise ValueError(
+                    "FGRPOConfig: key 'loss_type' = 'disco' needs `per_device_train_batch_size` to be a multiple of "
+                    "`num_generations` (whole groups on every process)."
+                )
+        if self.loss_type == "fdpg" and self.fdpg_beta <= 0:
+            raise ValueError(f"FGRPOConfig: key 'fdpg_beta' must be > 0, got {self.fdpg_beta}.")
+        if self.rehearsal_batch_size is not None and self.rehearsal_batch_size < 1:
+            raise ValueError(f"FGRPOConfig: key 'rehearsal_batch_size' must be ≥ 1, got {self.rehearsal_batch_size}.")
+        params = dict(div.params)
+        self.divergence = div.canonical
+        self.alpha = params.pop("alpha", None)
+        self.divergence_params = params or None
+        if self.estimator == "k1_reward" and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "FGRPOConfig: key 'estimator' = 'k1_reward' folds the KL into the summed reward; it needs "
+                "`multi_objective_aggregation: sum_then_normalize`."
+            )
+        if self.eval_every_steps < 0:
+            raise ValueError(f"FGRPOConfig: key 'eval_every_steps' must be ≥ 0, got {self.eval_every_steps}.")
+        if self.eval_ks and max(self.eval_ks) > self.eval_num_samples:
+            raise ValueError(
+                f"FGRPOConfig: key 'eval_num_samples' ({self.eval_num_samples}) must be ≥ max(eval_ks) "
+                f"({max(self.eval_ks)})."
+            )
+        super().__post_init__()
+
+    def resolved_divergence(self):
+        return get_divergence(self.divergence, **self.divergence_kwargs())
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack whose `last_hidden_state` TRL's fused LM head projects."""
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return model.base_model
+
+
+class FGRPOTrainer(GRPOTrainer):
+    """GRPO with fdpo's divergence penalty; logs `div/<label>` besides TRL's metrics (see module docstring)."""
+
+    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "fdpo"]
+
+    # TRL assigns `self.beta = args.beta` (0 for FGRPOConfig) and then reads it; see the module docstring.
+    @property
+    def beta(self) -> float:
+        return self.__dict__.get("_fdpo_trl_beta", 0.0)
+
+    @beta.setter
+    def beta(self, value: float) -> None:  # TRL's assignment of args.beta (always 0 here) is ignored
+        pass
+
+    def __init__(self, model, reward_funcs=None, args: FGRPOConfig | None = None, *pargs, callbacks=None, **kwargs):
+        from fdpo.rewards.registry import get_reward_function
+
+        if args is None or not isinstance(args, FGRPOConfig):
+            raise TypeError("FGRPOTrainer needs `args` of type FGRPOConfig")
+        if reward_funcs is None:
+            reward_funcs = [get_reward_function(name) for name in args.reward_funcs]
+        self.fdpo_divergence = args.resolved_divergence()
+        self.fdpo_estimator = ESTIMATORS[args.estimator]
+        self._fdpo_ref_logps = args.needs_ref_logps
+        self._fdpo_ref_hidden = args.divergence_coef > 0 and args.estimator == "full_vocab"
+        self.fdpg_state = FDPGState(baseline_momentum=args.fdpg_baseline_momentum) if args.loss_type == "fdpg" else None
+        if args.rehearsal_file is not None and args.rehearsal_train_on_exp:
+            kwargs["train_dataset"] = self._d_exp_dataset(args)
+        # non-zero while TRL builds its reference model, only if a term needs one
+        self._fdpo_trl_beta = 1.0 if args.needs_reference else 0.0
+        self._fdpo_in_loss = False
+        self._fdpo_capture: dict[str, Any] = {}
+        self._fdpo_rewards_per_func: torch.Tensor | None = None
+        callbacks = list(callbacks or [])
+        if args.eval_task is not None:
+            from fdpo.eval.callback import PassAtKCallback
+
+            callbacks.append(PassAtKCallback())
+        super().__init__(model, reward_funcs, args, *pargs, callbacks=callbacks, **kwargs)
+        self._fdpo_trl_beta = 0.0
+        for cb in self.callback_handler.callbacks:
+            if hasattr(cb, "bind"):
+                cb.bind(self)
+        if self._fdpo_ref_hidden:
+            self._check_full_vocab_model()
+        self.rehearsal = self._open_rehearsal() if args.rehearsal_file is not None else None
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    STATE_FILE: ClassVar[str] = "fdpo_grpo_state.json"
+
+    def _fdpo_state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.rehearsal is not None:
+            out["rehearsal"] = self.rehearsal.state_dict()
+        if self.fdpg_state is not None:
+            out["fdpg"] = self.fdpg_state.state_dict()
+        return out
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        state = self._fdpo_state()
+        if state and self.args.should_save:
+            import json
+            import os
+
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(os.path.join(folder, self.STATE_FILE), "w") as fh:
+                json.dump(state, fh)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Resume also the rehearsal stream position and f-DPG's log Z / baseline."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        import json
+        import os
+
+        path = None if checkpoint is None else os.path.join(checkpoint, self.STATE_FILE)
+        if path is None or not os.path.exists(path):
+            return
+        with open(path) as fh:
+            state = json.load(fh)
+        if self.rehearsal is not None and "rehearsal" in state:
+            self.rehearsal.load_state_dict(state["rehearsal"])
+        if self.fdpg_state is not None and "fdpg" in state:
+            self.fdpg_state.load_state_dict(state["fdpg"])
+
+    # ------------------------------------------------------------------ DPH-RL rehearsal store
+
+    @staticmethod
+    def _d_exp_dataset(args: FGRPOConfig):
+        from pathlib import Path
+
+        from datasets import load_dataset
+
+        from fdpo.data.rehearsal import D_EXP, MANIFEST
+
+        root = Path(args.rehearsal_file)
+        root = root.parent if root.name == MANIFEST else root
+        path = root / D_EXP
+        if not path.exists():
+            raise FileNotFoundError(
+                f"key 'rehearsal_file' = {args.rehearsal_file!r}: {path} does not exist. Run `fdpo presample RECIPE` "
+                "first (it writes the store), or set `rehearsal_train_on_exp: false`."
+            )
+        return load_dataset("json", data_files=str(path), split="train")
+
+    def _open_rehearsal(self):
+        from fdpo.data.rehearsal import RehearsalBuffer
+
+        args = self.args
+        bs = args.rehearsal_batch_size or max(1, round(args.rehearsal_ratio * args.per_device_train_batch_size))
+        return RehearsalBuffer(
+            args.rehearsal_file,
+            tokenizer=self._tokenizer,
+            temperature=self.temperature,
+            batch_size=bs,
+            seed=args.seed,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+            chat_template_kwargs=args.chat_template_kwargs,
+            generation={
+                "top_p": self.top_p,
+                "top_k": self.top_k,
+                "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty,
+                "max_completion_length": self.max_completion_length,
+            },
+            model_name_or_path=getattr(self.accelerator.unwrap_model(self.model).config, "_name_or_path", None),
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+
+    # ------------------------------------------------------------------ reference side
+
+    @property
+    def has_reference_model(self) -> bool:
+        """Whether a separate reference model is held in memory (PEFT uses the adapter-disabled base)."""
+        return self.ref_model is not None
+
+    def _check_full_vocab_model(self) -> None:
+        ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_fsdp_enabled or (self.is_deepspeed_enabled and getattr(ds_plugin, "zero_stage", 0) == 3):
+            raise ValueError(
+                "key 'estimator' = 'full_vocab' reads the LM-head weights outside the model's forward, which FSDP and "
+                "DeepSpeed ZeRO-3 shard; use `estimator: generator` (unbiased, any f) or ZeRO-2 / DDP."
+            )
+        cfg = self.accelerator.unwrap_model(self.model).config.get_text_config()
+        scale = next(
+            (getattr(cfg, k) for k in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+             if getattr(cfg, k, None) is not None),
+            None,
+        )
+        if getattr(cfg, "final_logit_softcapping", None) is not None or scale not in (None, 1, 1.0):
+            raise ValueError(
+                "key 'estimator' = 'full_vocab' projects hidden states through the LM head itself and does not "
+                "support logit soft-capping or logit scaling; use `estimator: generator`."
+            )
+
+    @contextlib.contextmanager
+    def _reference_context(self):
+        """(module whose backbone is the reference, context manager that makes it the reference)."""
+        if self.ref_model is not None:
+            yield self.accelerator.unwrap_model(self.ref_model)
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not is_peft_model(unwrapped):
+            raise RuntimeError("FGRPOTrainer: a reference is needed but neither a ref_model nor a PEFT base exists")
+        with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+            yield unwrapped
+
+    @torch.no_grad()
+    def _reference_hidden_states(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Final hidden states of the reference at the positions predicting each completion token (B, C, H)."""
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        c = inputs["completion_ids"].size(1)
+        bs = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        out = []
+        with self._reference_context() as ref:
+            backbone = _backbone(ref)
+            for start in range(0, input_ids.size(0), bs):
+                with self.accelerator.autocast():
+                    h = backbone(
+                        input_ids=input_ids[start : start + bs],
+                        attention_mask=attention_mask[start : start + bs],
+                        use_cache=False,
+                    ).last_hidden_state
+                out.append(h[:, -c - 1 : -1])
+        return torch.cat(out, dim=0)
+
+    def _reference_lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.ref_model is not None:
+            head = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings()
+        else:
+            head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        bias = None if head.bias is None else head.bias.detach()
+        return head.weight.detach(), bias
+
+    # ------------------------------------------------------------------ generation side
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._fdpo_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        self._fdpo_trl_beta = 1.0 if self._fdpo_ref_logps else 0.0
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._fdpo_trl_beta = 0.0
+        mode = "train" if self.model.training else "eval"
+        self._log_group_pass_rates(mode)
+        if self.args.divergence_coef > 0 and self.args.estimator == "k1_reward":
+            self._fold_k1_into_advantages(output, mode)
+        if self._fdpo_ref_hidden:
+            output["fdpo_ref_hidden"] = self._reference_hidden_states(output)
+        if self.loss_type in ("disco", "fdpg"):
+            self._add_sequence_rewards(output, mode)
+        return output
+
+    def _add_sequence_rewards(self, output: dict[str, Any], mode: str) -> None:
+        """Local per-rollout rewards and group ids (DisCO regroups shuffled rows; f-DPG's target needs r)."""
+        rpf = self._fdpo_rewards_per_func
+        rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
+        local = output["completion_ids"].size(0)
+        start = self.accelerator.process_index * local
+        n = self.num_generations if mode == "train" else self.num_generations_eval
+        output["fdpo_rewards"] = rewards[start : start + local]
+        output["fdpo_group"] = torch.arange(start, start + local, device=rewards.device) // n
+        if self.loss_type == "fdpg" and mode == "train":
+            self._update_fdpg_log_z(output)
+
+    @torch.no_grad()
+    def _fdpg_sequences(self, inputs: dict[str, Any], mask: torch.Tensor, logps: torch.Tensor | None = None):
+        """(log q, log P) per rollout: q = π_old (the sampler), P = a·b or a·exp(r/β), a = π_ref (sequence)."""
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None and logps is not None else old
+        log_q = None if old is None else (old.float() * mask).sum(-1)
+        log_a = (inputs["ref_per_token_logps"].float() * mask).sum(-1)
+        r = inputs["fdpo_rewards"].float()
+        if self.args.fdpg_target == "constraint":
+            log_p = torch.where(r >= 0.5, log_a, torch.full_like(log_a, -float("inf")))
+        else:
+            log_p = log_a + r / self.args.fdpg_beta
+        return log_q, log_p
+
+    @torch.no_grad()
+    def _update_fdpg_log_z(self, output: dict[str, Any]) -> None:
+        """Add this generation batch (all processes) to the running importance-sampling estimate of log Z."""
+        mask = output["completion_mask"].float()
+        old = output.get("old_per_token_logps")
+        if old is None:
+            ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+            attn = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+            old, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, ids, attn, output["completion_ids"].size(1), batch_size=self.args.per_device_train_batch_size
+            )
+        log_q = (old.float() * mask).sum(-1)
+        _, log_p = self._fdpg_sequences(output, mask)
+        self.fdpg_state.update_log_z(self.accelerator.gather(log_p), self.accelerator.gather(log_q))
+
+    def _log_group_pass_rates(self, mode: str) -> None:
+        rpf = self._fdpo_rewards_per_func
+        if rpf is None:
+            return
+        n = self.num_generations if mode == "train" else self.num_generations_eval
+        rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1).view(-1, n)
+        self._metrics[mode]["rollouts/solved_all"].append((rewards > 0.5).all(dim=1).float().mean().item())
+        self._metrics[mode]["rollouts/solved_none"].append((rewards <= 0.5).all(dim=1).float().mean().item())
+
+    @torch.no_grad()
+    def _fold_k1_into_advantages(self, output: dict[str, Any], mode: str) -> None:
+        """r ← r − η·Σ_t k1_t (k1 = log π_old − log π_ref of the sampled tokens), then TRL's group advantages."""
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        old = output.get("old_per_token_logps")
+        if old is None:
+            input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+            attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+            bs = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+            old, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, output["completion_ids"].size(1), batch_size=bs
+            )
+        k1 = sequence_k1(old, output["ref_per_token_logps"], mask)
+        all_k1 = self.accelerator.gather(k1)
+        rpf = self._fdpo_rewards_per_func
+        rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
+        n = self.num_generations if mode == "train" else self.num_generations_eval
+        advantages = group_advantages(rewards - self.args.divergence_coef * all_k1, n, self.scale_rewards)
+        local = k1.size(0)
+        start = self.accelerator.process_index * local
+        output["advantages"] = advantages[start : start + local]
+        tokens = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
+        self._metrics[mode][f"div/{self.fdpo_divergence.label}"].append((all_k1.sum() / tokens).item())
+        self._metrics[mode]["k1_reward/penalty"].append((self.args.divergence_coef * all_k1).mean().item())
+
+    # ------------------------------------------------------------------ loss side
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        if not self._fdpo_in_loss:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        handle = None
+        if self._fdpo_ref_hidden:
+            hiddens: list[torch.Tensor] = []
+            backbone = _backbone(self.accelerator.unwrap_model(model))
+            handle = backbone.register_forward_hook(lambda _m, _i, out: hiddens.append(out.last_hidden_state))
+        try:
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        self._fdpo_capture["logps"] = result[0]
+        if handle is not None:
+            self._fdpo_capture["hidden"] = torch.cat([h[:, -logits_to_keep - 1 : -1] for h in hiddens], dim=0)
+        return result
+
+    def _token_weights(self, mask: torch.Tensor, inputs: dict[str, Any], mode: str) -> torch.Tensor:
+        """w with TRL's loss = Σ_{b,t} w_{bt}·per_token_loss_{bt} for the configured `loss_type`."""
+        mask = mask.float()
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        lt = self.loss_type
+        if lt in ("grpo", "sapo"):
+            return mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / mask.size(0) / accum
+        if lt == "bnpo":
+            return mask / mask.sum().clamp(min=1.0) / accum
+        if lt == "dr_grpo":
+            return mask / (mask.size(0) * self.max_completion_length) / accum
+        if lt in ("dapo", "cispo", "vespo"):
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            return mask / normalizer
+        if lt == "luspo":
+            return mask / mask.size(0) / accum
+        raise ValueError(f"FGRPOTrainer: unsupported loss_type {lt!r}")
+
+    def _penalty(self, inputs: dict[str, Any], weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """η·Σ w·penalty, and the metric div/<label> (the weighted mean of the regularised per-token value)."""
+        logps = self._fdpo_capture["logps"]
+        est = self.args.estimator
+        if est == "full_vocab":
+            head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+            ref_w, ref_b = self._reference_lm_head()
+            value = full_vocab_divergence_from_hidden(
+                self._fdpo_capture["hidden"],
+                head.weight,
+                inputs["fdpo_ref_hidden"],
+                ref_w,
+                self.fdpo_divergence,
+                mask.bool(),
+                lm_head_bias=head.bias,
+                ref_lm_head_bias=ref_b,
+                chunk_size=self.args.full_vocab_chunk_size,
+                temperature=self.temperature,
+                reduction="sum",
+                weights=weights,
+            )
+        else:
+            per_token = per_token_penalty(
+                est, self.fdpo_divergence, logps, inputs["ref_per_token_logps"], inputs.get("old_per_token_logps")
+            )
+            value = (weights * per_token).sum()
+        stats = self.accelerator.reduce(torch.stack([value.detach().float(), weights.sum().float()]), reduction="sum")
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode][f"div/{self.fdpo_divergence.label}"].append((stats[0] / stats[1].clamp(min=1e-30)).item())
+        return self.args.divergence_coef * value
+
+    def _log_metrics(self, metrics: dict[str, torch.Tensor], mode: str, prefix: str = "") -> None:
+        for name, value in metrics.items():
+            v = self.accelerator.gather(value.detach().float().reshape(1)).nanmean().item()
+            self._metrics[mode][prefix + name].append(v)
+
+    def _policy_objective(self, model, inputs, mode: str) -> torch.Tensor:
+        """TRL's policy loss (its loss_type), or DisCO / f-DPG on the same rollouts; captures log π."""
+        self._fdpo_in_loss = True
+        try:
+            if self.loss_type not in ("disco", "fdpg"):
+                return super()._compute_loss(model, inputs)
+            input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=True
+            )
+        finally:
+            self._fdpo_in_loss = False
+        mask = inputs["completion_mask"].float()
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        self._metrics[mode]["entropy"].append(
+            (self.accelerator.gather((entropies * mask).sum()).sum() / self.accelerator.gather(mask.sum()).sum()).item()
+        )
+        old = inputs.get("old_per_token_logps")
+        if self.loss_type == "disco":
+            order = torch.argsort(inputs["fdpo_group"], stable=True)  # rows of one question together again
+            loss, metrics = disco_loss(
+                logps[order], mask[order], inputs["fdpo_rewards"][order], self.num_generations
+                if mode == "train" else self.num_generations_eval,
+                old_token_logps=None if old is None else old[order],
+                score=self.args.disco_score,
+                form=self.args.disco_form,
+                tau=self.args.disco_tau,
+                delta=self.args.disco_delta,
+                constraint_beta=self.args.disco_beta,
+                kl_estimator=self.args.disco_kl_estimator,
+            )
+        else:
+            log_q, log_p = self._fdpg_sequences(inputs, mask, logps)
+            loss, metrics = fdpg_loss(
+                (logps * mask).sum(-1), log_q, log_p, self.fdpo_divergence,
+                log_z=self.fdpg_state.log_z, baseline=self.fdpg_state.baseline,
+            )
+            if mode == "train":
+                is_mean = self.accelerator.gather(metrics["fdpg/pseudo_reward_is"].reshape(1)).mean()
+                self.fdpg_state.update_baseline(is_mean)
+        self._log_metrics(metrics, mode)
+        return loss / accum
+
+    def _rehearsal_term(self, model, mode: str) -> torch.Tensor:
+        """η · token-mean f̃(u) on the next chunk of stored π_ref samples (DPH-RL), no reference model."""
+        batch = self.rehearsal.next_batch(self.accelerator.device)
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            model, batch.input_ids, batch.attention_mask, batch.logits_to_keep
+        )
+        loss, metrics = rehearsal_loss(logps, batch.ref_logps, batch.completion_mask, self.args.rehearsal_divergence)
+        clash = self.args.divergence_coef > 0 and f"div/{self.fdpo_divergence.label}" in metrics
+        self._log_metrics(metrics if not clash else {("rehearsal/" + k): v for k, v in metrics.items()}, mode)
+        return self.args.rehearsal_coef * loss / self.current_gradient_accumulation_steps
+
+    def _chi2_term(self, inputs: dict[str, Any], mask: torch.Tensor, mode: str) -> torch.Tensor:
+        """chi2_coef · √χ² (or χ²) of the sequence log-ratios of this micro-batch's rollouts (Correlated Proxies)."""
+        logps = self._fdpo_capture["logps"]
+        seq = ((logps.float() - inputs["ref_per_token_logps"].float()) * mask).sum(-1)
+        penalty, metrics = chi2_penalty(seq, sqrt=self.args.chi2_sqrt)
+        self._log_metrics(metrics, mode)
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        return self.args.chi2_coef * penalty / accum
+
+    def _compute_loss(self, model, inputs):
+        self._fdpo_capture = {}
+        mode = "train" if self.model.training else "eval"
+        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        terms: dict[str, torch.Tensor] = {"policy_loss": self._policy_objective(model, inputs, mode)}
+        if self.args.divergence_coef > 0 and not self.fdpo_estimator.in_reward:
+            if self.loss_type in ("disco", "fdpg"):
+                accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+                weights = mask.float() / mask.sum().clamp(min=1.0) / accum  # token mean
+            else:
+                weights = self._token_weights(mask, inputs, mode)
+            terms[f"penalty/{self.fdpo_divergence.label}"] = self._penalty(inputs, weights, mask)
+        if self.args.chi2_coef > 0:
+            terms["penalty/chi2_occupancy"] = self._chi2_term(inputs, mask.float(), mode)
+        if self.rehearsal is not None and mode == "train" and self.args.rehearsal_coef > 0:
+            terms[f"rehearsal/{self.args.rehearsal_divergence}"] = self._rehearsal_term(model, mode)
+        check_finite_terms(terms, step=self.state.global_step + 1)
+        self._fdpo_capture = {}
+        return sum(terms.values())
