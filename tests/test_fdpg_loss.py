@@ -15,13 +15,7 @@ import torch
 
 from fdpo.losses.fdpg import FDPGState, fdpg_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 F_U = {  # name: (registry name, params, f(u))

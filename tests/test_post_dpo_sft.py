@@ -20,12 +20,7 @@ TINY = REPO / "recipes" / "tiny"
 FAST = {"save_strategy": "no", "logging_steps": 1, "per_device_train_batch_size": 8, "warmup_steps": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

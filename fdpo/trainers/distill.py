@@ -33,13 +33,14 @@ import torch
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from fdpo.losses.distill import distill_loss, resolve_distill_objective
+from fdpo.trainers.divergence_choice import DivergenceChoice
 from fdpo.trainers.guards import check_finite_terms
 
 _TRL_DEFAULT_BETA = 0.5
 
 
 @dataclass
-class FDistillConfig(GKDConfig):
+class FDistillConfig(DivergenceChoice, GKDConfig):
     """Configuration of `FDistillTrainer`: every field of TRL's `GKDConfig` (λ = `lmbda`, `seq_kd`,
     `temperature` for sampling, `max_new_tokens`, `teacher_model_name_or_path`), plus the divergence."""
 
@@ -70,13 +71,6 @@ class FDistillConfig(GKDConfig):
         metadata={"help": "Temperature T of the loss: both distributions are softmax(logits / T) (no T² factor)."},
     )
 
-    def divergence_kwargs(self) -> dict[str, Any]:
-        params = dict(self.divergence_params or {})
-        if self.alpha is not None:
-            if "alpha" in params and params["alpha"] != self.alpha:
-                raise ValueError(f"alpha is given twice: alpha={self.alpha} and divergence_params={params}")
-            params["alpha"] = self.alpha
-        return params
 
     def __post_init__(self):
         if self.beta != _TRL_DEFAULT_BETA:
@@ -91,10 +85,7 @@ class FDistillConfig(GKDConfig):
             obj = resolve_distill_objective(self.divergence, self.divergence_kwargs())
         except (TypeError, ValueError) as exc:
             raise ValueError(f"FDistillConfig: divergence={self.divergence!r}: {exc}") from exc
-        params = obj.params
-        self.divergence = obj.canonical
-        self.alpha = params.pop("alpha", None)
-        self.divergence_params = params or None
+        self.store_canonical_divergence(obj.canonical, obj.params)
         super().__post_init__()
 
 

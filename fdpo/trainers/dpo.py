@@ -24,6 +24,7 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from fdpo.losses.fdpo_loss import DEFAULT_SCORE_CAP, LOSS_TYPES, FDPOScore, fdpo_loss, resolve_divergence
+from fdpo.trainers.divergence_choice import DivergenceChoice
 from fdpo.trainers.guards import check_finite_terms
 
 _TRL_DEFAULT_ALPHA_COEF = 0.5
@@ -31,7 +32,7 @@ _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejecte
 
 
 @dataclass
-class FDPOConfig(DPOConfig):
+class FDPOConfig(DivergenceChoice, DPOConfig):
     """Configuration of `FDPOTrainer`: every field of `trl.DPOConfig`, plus the divergence.
 
     TRL's own `f_divergence_type` / `f_alpha_divergence_coef` are replaced by `divergence` / `alpha`
@@ -68,14 +69,6 @@ class FDPOConfig(DPOConfig):
         },
     )
 
-    def divergence_kwargs(self) -> dict[str, Any]:
-        """Keyword parameters for `fdpo.divergences.get_divergence`."""
-        params = dict(self.divergence_params or {})
-        if self.alpha is not None:
-            if "alpha" in params and params["alpha"] != self.alpha:
-                raise ValueError(f"alpha is given twice: alpha={self.alpha} and divergence_params={params}")
-            params["alpha"] = self.alpha
-        return params
 
     def __post_init__(self):
         if self.f_divergence_type != "reverse_kl":
@@ -106,10 +99,7 @@ class FDPOConfig(DPOConfig):
             raise ValueError(f"FDPOConfig: divergence={self.divergence!r}: {exc}") from exc
         # store one canonical form: the name, with every parameter (also those written in a label such as
         # 'alpha(0.5)') in `alpha` / `divergence_params`
-        params = dict(score.divergence.params)
-        self.divergence = score.divergence.canonical
-        self.alpha = params.pop("alpha", None)
-        self.divergence_params = params or None
+        self.store_canonical_divergence(score.divergence.canonical, score.divergence.params)
         super().__post_init__()
 
 

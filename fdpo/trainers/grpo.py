@@ -54,6 +54,7 @@ from fdpo.losses.grpo_penalty import (
     per_token_penalty,
     sequence_k1,
 )
+from fdpo.trainers.divergence_choice import DivergenceChoice
 from fdpo.trainers.guards import check_finite_terms
 
 _ESTIMATOR_HELP = (
@@ -74,7 +75,7 @@ _ESTIMATOR_HELP = (
 
 
 @dataclass
-class FGRPOConfig(GRPOConfig, PresampleArguments):
+class FGRPOConfig(DivergenceChoice, GRPOConfig, PresampleArguments):
     """Configuration of `FGRPOTrainer`: every field of `trl.GRPOConfig`, plus the divergence penalty.
 
     TRL's `beta` must stay 0: set `divergence_coef` (η) and `estimator` instead; `estimator: k3_ratio` with
@@ -203,13 +204,6 @@ class FGRPOConfig(GRPOConfig, PresampleArguments):
         default=None, metadata={"help": "Sampling temperature of the pass@k hook (None: `temperature`)."}
     )
 
-    def divergence_kwargs(self) -> dict[str, Any]:
-        params = dict(self.divergence_params or {})
-        if self.alpha is not None:
-            if "alpha" in params and params["alpha"] != self.alpha:
-                raise ValueError(f"alpha is given twice: alpha={self.alpha} and divergence_params={params}")
-            params["alpha"] = self.alpha
-        return params
 
     @property
     def needs_reference(self) -> bool:
@@ -261,10 +255,7 @@ class FGRPOConfig(GRPOConfig, PresampleArguments):
             raise ValueError(f"FGRPOConfig: key 'fdpg_beta' must be > 0, got {self.fdpg_beta}.")
         if self.rehearsal_batch_size is not None and self.rehearsal_batch_size < 1:
             raise ValueError(f"FGRPOConfig: key 'rehearsal_batch_size' must be ≥ 1, got {self.rehearsal_batch_size}.")
-        params = dict(div.params)
-        self.divergence = div.canonical
-        self.alpha = params.pop("alpha", None)
-        self.divergence_params = params or None
+        self.store_canonical_divergence(div.canonical, div.params)
         if self.estimator == "k1_reward" and self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError(
                 "FGRPOConfig: key 'estimator' = 'k1_reward' folds the KL into the summed reward; it needs "

@@ -38,13 +38,14 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from fdpo.losses.fsft_loss import fsft_loss, resolve_sft_divergence
+from fdpo.trainers.divergence_choice import DivergenceChoice
 from fdpo.trainers.guards import check_finite_terms
 
 ESTIMATORS = ("full_vocab",)
 
 
 @dataclass
-class FSFTConfig(SFTConfig):
+class FSFTConfig(DivergenceChoice, SFTConfig):
     """Configuration of `FSFTTrainer`: every field of `trl.SFTConfig`, plus the f-divergence regulariser."""
 
     divergence: str = field(
@@ -107,14 +108,6 @@ class FSFTConfig(SFTConfig):
         default=None, init=False, metadata={"help": "learning_rate as given, before lr_scale (set by fdpo)."}
     )
 
-    def divergence_kwargs(self) -> dict[str, Any]:
-        """Keyword parameters for `fdpo.divergences.get_divergence`."""
-        params = dict(self.divergence_params or {})
-        if self.alpha is not None:
-            if "alpha" in params and params["alpha"] != self.alpha:
-                raise ValueError(f"alpha is given twice: alpha={self.alpha} and divergence_params={params}")
-            params["alpha"] = self.alpha
-        return params
 
     def __post_init__(self):
         if self.divergence_estimator not in ESTIMATORS:
@@ -131,10 +124,7 @@ class FSFTConfig(SFTConfig):
             div = resolve_sft_divergence(self.divergence, self.divergence_kwargs())
         except (TypeError, ValueError) as exc:
             raise ValueError(f"FSFTConfig: divergence={self.divergence!r}: {exc}") from exc
-        params = dict(div.params)
-        self.divergence = div.canonical
-        self.alpha = params.pop("alpha", None)
-        self.divergence_params = params or None
+        self.store_canonical_divergence(div.canonical, div.params)
         self.base_learning_rate = self.learning_rate
         self.learning_rate = self.learning_rate * self.lr_scale
         super().__post_init__()
