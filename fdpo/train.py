@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from fdpo.cpu_threads import torch_threads
 from fdpo.data.loading import check_columns, load_any_dataset
 from fdpo.recipe import Recipe, RecipeError
 from fdpo.trainers.checkpoints import (
@@ -98,7 +99,18 @@ def use_cpu_backend_if_no_gpu() -> None:
 
 
 def run_training(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
-    """Train `recipe` to completion; returns the final metrics. Resumes from the last complete checkpoint."""
+    """Train `recipe` to completion; returns the final metrics. Resumes from the last complete checkpoint.
+
+    On a CPU, `cpu_threads` (recipe key) sets torch's intra-op threads for the run and restores them after.
+    """
+    threads = recipe.recipe_args.cpu_threads
+    if threads is not None and threads < 1:
+        raise RecipeError(f"{recipe.path}: key 'cpu_threads' must be ≥ 1 (or null for torch's default), got {threads}.")
+    with torch_threads(threads):
+        return _run_training(recipe, resume=resume)
+
+
+def _run_training(recipe: Recipe, *, resume: bool) -> dict[str, Any]:
     from transformers import set_seed
     from trl import get_peft_config
 

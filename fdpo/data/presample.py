@@ -622,8 +622,17 @@ def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dic
 
 
 def presample_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`fdpo presample RECIPE --key value ...`: resolve the settings, then :func:`presample`."""
-    return presample(resolve_presample_settings(path, overrides))
+    """`fdpo presample RECIPE --key value ...`: resolve the settings, then :func:`presample`.
+
+    The recipe's `cpu_threads` (as in `fdpo train`) sets torch's threads for the sampling on a CPU.
+    """
+    from fdpo.cpu_threads import torch_threads
+    from fdpo.recipe.load import read_yaml
+
+    settings = resolve_presample_settings(path, overrides)
+    threads = {**read_yaml(Path(path)), **(overrides or {})}.get("cpu_threads")
+    with torch_threads(threads):
+        return presample(settings)
 
 
 __all__ = [

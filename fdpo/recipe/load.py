@@ -49,6 +49,14 @@ class RecipeArguments:
         default=None,
         metadata={"help": "Synthetic task to evaluate after training with `fdpo eval` (e.g. sum_pairs)."},
     )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch intra-op threads while training on a CPU (None: torch's default, one per core). The tiny "
+            "recipes set 1: a sub-million-parameter model gains nothing from more, and with 2 threads on a busy "
+            "2-core machine each tiny step can be 10-100x slower. Ignored when a GPU is used."
+        },
+    )
 
 
 @dataclass
