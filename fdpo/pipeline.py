@@ -280,8 +280,9 @@ def write_summary(run_dir: Path, results: list[StageResult]) -> None:
         table.add_row(r.name, r.kind, r.status, f"{r.wall_time_s:.1f}", *cells)
     total = sum(r.wall_time_s for r in results)
     console = Console()
-    if console.width < 110:  # a pipe or a narrow terminal: keep the table legible rather than squeezed
-        console = Console(width=110)
+    needed = Console(width=1000).measure(table).maximum
+    if console.width < needed:  # a pipe or a narrow terminal: keep every cell whole rather than squeezed
+        console = Console(width=needed)
     console.print(table)
     console.print(f"total wall time: {total:.1f} s")
     payload = {"total_wall_time_s": total, "stages": [r.__dict__ for r in results]}
