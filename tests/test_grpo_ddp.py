@@ -8,7 +8,7 @@ same rollouts, every number that data parallelism touches must agree: group adva
 processes), DAPO's global token normalisation, the GRPO divergence penalty, the DPH-RL rehearsal term (each
 process gets its slice of the one rehearsal stream; the token mean is over all processes' tokens), DDP's
 gradient average, and the metrics gathered for logging. Agreement is checked per step on the loss, the reward,
-the completion lengths and every logged div/ metric.
+the completion lengths and every logged div/ and rehearsal/ metric.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def _train(world: int, recipe: Path, out: Path, overrides: dict, port: int) -> d
 
 def _compare(logs: dict[int, dict], must: tuple[str, ...]) -> list[str]:
     assert sorted(logs[1]) == sorted(logs[2]) == list(range(1, STEPS + 1))
-    keys = [k for k in logs[1][1] if k in ("loss", "reward", "completions/mean_length") or k.startswith("div/")]
+    keys = [k for k in logs[1][1]
+            if k in ("loss", "reward", "completions/mean_length") or k.startswith(("div/", "rehearsal/"))]
     assert set(must) <= set(keys), keys
     for step in logs[1]:
         for key in keys:
@@ -108,5 +109,5 @@ def test_two_process_dph_rehearsal_matches_one_process(tiny_sft_dir, task_data_d
     for w in (1, 2):
         run = {**over, "rehearsal_batch_size": 4 // w, "rehearsal_coef": 1.0}
         logs[w] = _train(w, RECIPES / "dph_js.yaml", tmp_path / f"w{w}", run, 29583)
-    _compare(logs, ("loss", "div/js"))
+    _compare(logs, ("loss", "div/js", "rehearsal/loss", "rehearsal/logratio_abs_max", "rehearsal/tokens"))
     assert logs[1][STEPS]["div/js"] > 0  # the policy moved off the stored π_ref samples

@@ -723,9 +723,13 @@ class FGRPOTrainer(GRPOTrainer):
             logps, batch.ref_logps, batch.completion_mask, self.args.rehearsal_divergence,
             num_tokens=(total / world).clamp(min=1.0 / world),
         )
-        if world > 1:  # logged token means over all processes' tokens too (_log_metrics averages over processes)
+        if world > 1:  # logged as one process would (_log_metrics averages the processes' values)
             for name in [k for k in metrics if k.startswith("div/") or k in TOKEN_MEAN_METRICS]:
-                metrics[name] = metrics[name] * count * world / total.clamp(min=1.0)
+                metrics[name] = metrics[name] * count * world / total.clamp(min=1.0)  # mean over all tokens
+            if "rehearsal/logratio_abs_max" in metrics:
+                metrics["rehearsal/logratio_abs_max"] = self.accelerator.gather(
+                    metrics["rehearsal/logratio_abs_max"].reshape(1)).max()
+            metrics["rehearsal/tokens"] = total
         clash = self.args.divergence_coef > 0 and f"div/{self.fdpo_divergence.label}" in metrics
         self._log_metrics(metrics if not clash else {("rehearsal/" + k): v for k, v in metrics.items()}, mode)
         return self.args.rehearsal_coef * loss / self.current_gradient_accumulation_steps
