@@ -274,6 +274,9 @@ class FGRPOConfig(DivergenceChoice, GRPOConfig, PresampleArguments):
         return get_divergence(self.divergence, **self.divergence_kwargs())
 
 
+TOKEN_MEAN_METRICS = ("rehearsal/loss", "rehearsal/logratio_mean")  # rehearsal_loss metrics that are token means
+
+
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack whose `last_hidden_state` TRL's fused LM head projects."""
     if is_peft_model(model):
@@ -711,7 +714,22 @@ class FGRPOTrainer(GRPOTrainer):
         logps, _, _ = self._get_per_token_logps_and_entropies(
             model, batch.input_ids, batch.attention_mask, batch.logits_to_keep
         )
-        loss, metrics = rehearsal_loss(logps, batch.ref_logps, batch.completion_mask, self.args.rehearsal_divergence)
+        # token mean over the rehearsal batch of ALL processes: each process divides its token sum by the global
+        # count / world size, so DDP's gradient average gives Σ_all / N_all (as one process would)
+        count = batch.completion_mask.sum().float()
+        total = self.accelerator.gather(count.reshape(1)).sum()
+        world = self.accelerator.num_processes
+        loss, metrics = rehearsal_loss(
+            logps, batch.ref_logps, batch.completion_mask, self.args.rehearsal_divergence,
+            num_tokens=(total / world).clamp(min=1.0 / world),
+        )
+        if world > 1:  # logged as one process would (_log_metrics averages the processes' values)
+            for name in [k for k in metrics if k.startswith("div/") or k in TOKEN_MEAN_METRICS]:
+                metrics[name] = metrics[name] * count * world / total.clamp(min=1.0)  # mean over all tokens
+            if "rehearsal/logratio_abs_max" in metrics:
+                metrics["rehearsal/logratio_abs_max"] = self.accelerator.gather(
+                    metrics["rehearsal/logratio_abs_max"].reshape(1)).max()
+            metrics["rehearsal/tokens"] = total
         clash = self.args.divergence_coef > 0 and f"div/{self.fdpo_divergence.label}" in metrics
         self._log_metrics(metrics if not clash else {("rehearsal/" + k): v for k, v in metrics.items()}, mode)
         return self.args.rehearsal_coef * loss / self.current_gradient_accumulation_steps

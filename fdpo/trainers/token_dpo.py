@@ -24,8 +24,8 @@ reloaded on resume; their gradients are averaged across processes by hand (they 
 after each optimizer step and clipped to ``max_grad_norm`` on their own.
 
 Tested on CPU: single process, reference model (given or reloaded from disk), LoRA (reference = base with the
-adapter disabled), gradient checkpointing, resume. Not tested: multi-process runs, FSDP (the LM head is gathered
-when it is a DTensor), DeepSpeed ZeRO-3 (partitioned LM head weights are not gathered: unsupported).
+adapter disabled), gradient checkpointing, resume, 2 processes (DDP, gloo: losses and learned masks equal the
+1-process run, tests/test_token_dpo_ddp.py). Not tested: FSDP (the LM head is gathered when it is a DTensor), DeepSpeed ZeRO-3 (partitioned LM head weights are not gathered: unsupported).
 """
 
 from __future__ import annotations
