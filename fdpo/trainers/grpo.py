@@ -747,6 +747,14 @@ class FGRPOTrainer(GRPOTrainer):
         self._fdpo_capture = {}
         mode = "train" if self.model.training else "eval"
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        # DPH-RL: the rehearsal forward runs BEFORE the policy forward. Autograd's engine runs the ready node with
+        # the highest sequence number first, so the backward then finishes the (large) policy graph before the
+        # rehearsal one: the rehearsal's gradients are not allocated for every parameter while the policy's
+        # activations and LM-head tile are still alive (that cost one model copy of peak memory, the very copy
+        # DPH-RL saves by loading no reference model; benchmarks/bench_grpo.py measures it).
+        rehearsal = None
+        if self.rehearsal is not None and mode == "train" and self.args.rehearsal_coef > 0:
+            rehearsal = self._rehearsal_term(model, mode)
         terms: dict[str, torch.Tensor] = {"policy_loss": self._policy_objective(model, inputs, mode)}
         if self.args.divergence_coef > 0 and not self.fdpo_estimator.in_reward:
             if self.loss_type in ("disco", "fdpg"):
@@ -757,8 +765,8 @@ class FGRPOTrainer(GRPOTrainer):
             terms[f"penalty/{self.fdpo_divergence.label}"] = self._penalty(inputs, weights, mask)
         if self.args.chi2_coef > 0:
             terms["penalty/chi2_occupancy"] = self._chi2_term(inputs, mask.float(), mode)
-        if self.rehearsal is not None and mode == "train" and self.args.rehearsal_coef > 0:
-            terms[f"rehearsal/{self.args.rehearsal_divergence}"] = self._rehearsal_term(model, mode)
+        if rehearsal is not None:
+            terms[f"rehearsal/{self.args.rehearsal_divergence}"] = rehearsal
         check_finite_terms(terms, step=self.state.global_step + 1)
         self._fdpo_capture = {}
         return sum(terms.values())
