@@ -22,11 +22,12 @@ from fdpo.recipe.validate import RecipeError
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from fdpo.recipe import load_recipe, parse_overrides
-    from fdpo.train import run_training, use_cpu_backend_if_no_gpu
+    from fdpo.train import end_distributed, run_training, use_cpu_backend_if_no_gpu
 
     use_cpu_backend_if_no_gpu()
     recipe = load_recipe(args.recipe, parse_overrides(extra))
     metrics = run_training(recipe, resume=args.resume)
+    end_distributed()
     print(f"fdpo: trained {recipe.path} for {metrics['global_step']} steps → {recipe.training_args.output_dir}")
     return 0
 

@@ -98,6 +98,19 @@ def use_cpu_backend_if_no_gpu() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
+def end_distributed() -> None:
+    """Tear the process group down before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads can abort a rank after training has finished
+    ('terminate called without an active exception', SIGABRT), failing an otherwise complete run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_training(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train `recipe` to completion; returns the final metrics. Resumes from the last complete checkpoint.
 
