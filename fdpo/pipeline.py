@@ -17,7 +17,8 @@ A pipeline recipe is YAML:
 Stage kinds: `tiny` (build the tiny model), `data` (synthetic task data), `train` (a training
 recipe; output_dir is set to the stage folder), `presample` (DPH-RL's `fdpo presample` of a GRPO
 recipe; the rehearsal store is the stage folder, so a later train stage sets
-`rehearsal_file: {from_stage: <this stage>}`), `eval` (pass@k and diversity). `--from STAGE`
+`rehearsal_file: {from_stage: <this stage>}`), `eval` (pass@k and diversity; `kl_to: {sft: {from_stage: sft}}` adds `kl_to_sft`, the exact
+per-token KL(π‖π_sft) on the evaluated checkpoint's own samples). `--from STAGE`
 reruns that stage and every later one; earlier stages are reused as they are.
 """
 
@@ -44,7 +45,7 @@ STAGE_KEYS = {
     "train": {"name", "kind", "recipe", "overrides", "resume"},
     "presample": {"name", "kind", "recipe", "overrides"},
     "eval": {"name", "kind", "checkpoint", "task", "ks", "num_samples", "num_prompts", "temperature",
-             "max_new_tokens", "seed", "data"},
+             "max_new_tokens", "seed", "data", "kl_to"},
 }
 SUMMARY_JSON = "pipeline_summary.json"
 # columns of the on-screen summary (the JSON keeps every metric)
@@ -197,6 +198,7 @@ def _run_stage(stage: Stage, outputs: dict[str, Path], extra_overrides: dict[str
         seed=spec.get("seed", 0),
         out_json=str(_eval_json(stage)),
         data_file=spec.get("data"),
+        kl_references=spec.get("kl_to"),
     )
     render_eval_table(result)
     return _eval_metrics(result)
@@ -272,6 +274,7 @@ def write_summary(run_dir: Path, results: list[StageResult]) -> None:
     present = {key for r in results for key in r.metrics}
     metric_names = [k for k in HEADLINE_METRICS if k in present]
     metric_names += sorted(k for k in present if k.startswith("pass@") and k not in metric_names)
+    metric_names += sorted(k for k in present if k.startswith("kl_to_"))
     table = Table(title=f"fdpo pipeline summary ({run_dir})")
     for col in ["stage", "kind", "status", "time (s)", *metric_names]:
         table.add_column(col, no_wrap=True)
@@ -307,7 +310,7 @@ def _plot(path: Path, results: list[StageResult]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in evals[0].metrics if k.startswith("pass@") or "distinct" in k or k.startswith("kl")]
+    keys = sorted({k for r in evals for k in r.metrics if k.startswith(("pass@", "kl_to_")) or k == "distinct_correct"})
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in keys:
         ax.plot([r.name for r in evals], [r.metrics.get(key, float("nan")) for r in evals], marker="o", label=key)

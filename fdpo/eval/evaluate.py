@@ -71,6 +71,7 @@ def evaluate_checkpoint(
     num_examples: int = 8,
     device: str | None = None,
     cpu_threads: int | None = None,
+    kl_references: dict[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the checkpoint at `model_path` on `task`; returns the result dict (see module docstring).
 
@@ -83,6 +84,9 @@ def evaluate_checkpoint(
     `cpu_threads`: torch intra-op threads while sampling on a CPU (restored afterwards). None means
     1 for a model under `SMALL_MODEL_PARAMS` parameters (its matmuls are too small to gain from
     threads, and on shared cores spinning threads make generation 10-50x slower), else unchanged.
+
+    `kl_references`: {name: checkpoint}; for each, `kl_to_<name>` is the exact per-token
+    KL(π ‖ π_ref) on this checkpoint's own samples (`fdpo.eval.kl.kl_per_token`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,6 +122,7 @@ def evaluate_checkpoint(
             if greedy
             else None
         )
+        kl_values = _kl_to_references(model, tokenizer, prompts, samples, kl_references or {}, device)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -153,6 +158,7 @@ def evaluate_checkpoint(
     }
     if greedy:
         result["greedy_accuracy"] = mean(p["greedy"] for p in per_prompt)
+    result.update(kl_values)
     by_level: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for p in per_prompt:
         by_level[p["difficulty"]].append(p)
@@ -193,3 +199,26 @@ def evaluate_checkpoint(
 
 def _prompt_text(prompt: str | list[dict[str, Any]]) -> str:
     return prompt if isinstance(prompt, str) else " | ".join(m["content"] for m in prompt)
+
+
+def _kl_to_references(model, tokenizer, prompts, samples, references, device) -> dict[str, float]:
+    """`kl_to_<name>` for each reference checkpoint, on the sampled completions (see `kl_references`)."""
+    if not references:
+        return {}
+    from transformers import AutoModelForCausalLM
+
+    from fdpo.eval.kl import kl_per_token
+    from fdpo.eval.sampling import render_prompt_ids
+
+    prompt_ids, completion_ids = [], []
+    for prompt, comps in zip(prompts, samples):
+        ids = render_prompt_ids(tokenizer, prompt)
+        for c in comps:
+            prompt_ids.append(ids)
+            completion_ids.append(c.token_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = {}
+    for name, path in references.items():
+        ref = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+        out[f"kl_to_{name}"] = kl_per_token(model, ref, prompt_ids, completion_ids, pad_id=pad_id)
+    return out
