@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_args import CPU_TRAINER_ARGS
 
 from fdpo.data import reference_samples as rs
 from fdpo.data.reference_samples import (
@@ -28,13 +29,7 @@ from fdpo.trainers.d2o import DataCollatorForD2O, FD2OConfig, FD2OTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = {
-    "report_to": "none",
-    "bf16": False,
-    "use_cpu": True,
-    "save_strategy": "no",
-    "logging_steps": 1,
-    "dataloader_num_workers": 0,
-    "disable_tqdm": True,
+    **CPU_TRAINER_ARGS,
     "max_length": 48,
 }
 

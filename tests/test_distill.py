@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fsft import PARAMS, direct_divergence
+from test_fsft import PARAMS, direct_divergence, token_mean_divergence
 
 from fdpo.divergences import available_divergences, get_divergence
 from fdpo.losses.distill import distill_loss, resolve_distill_objective
@@ -153,17 +153,7 @@ def _kl_teacher_student(student_dir, teacher_dir, rows, tok) -> float:
 
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            prompt = tok.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
-            full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
-            ids = torch.tensor([full])
-            logp = student(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
-            logq = teacher(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
-            kl = direct_divergence("forward_kl", {}, logp, logq)
-            total, count = total + kl.sum().item(), count + kl.numel()
-    return total / count
+    return token_mean_divergence(student, teacher, rows, tok, "forward_kl")
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from test_fdpo_loss import (
     tiny_preference_dataset,
     tiny_tokenizer,
 )
+from trainer_args import CPU_TRAINER_ARGS
 
 from fdpo.losses.fdpo_loss import FDPOScore
 from fdpo.trainers.dpo import FDPOConfig, FDPOTrainer
@@ -32,13 +33,7 @@ from fdpo.trainers.guards import NonFiniteGradientCallback
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = {
-    "report_to": "none",
-    "bf16": False,
-    "use_cpu": True,
-    "save_strategy": "no",
-    "logging_steps": 1,
-    "dataloader_num_workers": 0,
-    "disable_tqdm": True,
+    **CPU_TRAINER_ARGS,
     "max_length": 16,
 }
 FDPO_METRICS = LOSS_METRICS | {

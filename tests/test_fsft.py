@@ -17,19 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_args import CPU_TRAINER_ARGS
 
 from fdpo.divergences import available_divergences, get_divergence
 from fdpo.losses.fsft_loss import fsft_loss
 from fdpo.trainers.sft import FSFTConfig, FSFTTrainer
 
 COMMON = {
-    "report_to": "none",
-    "bf16": False,
-    "use_cpu": True,
-    "save_strategy": "no",
-    "logging_steps": 1,
-    "dataloader_num_workers": 0,
-    "disable_tqdm": True,
+    **CPU_TRAINER_ARGS,
     "max_length": 32,
     "per_device_train_batch_size": 8,
     "seed": 0,
@@ -241,21 +236,25 @@ def test_trainer_divergence_term_equals_float64_direct_sum(tiny_model_dir, task_
     assert d.mean().item() > 1e-3  # the check is not vacuous
 
 
-def _kl_to(model_dir, start_dir, ds_rows, tok) -> float:
-    """Token mean of KL(π‖π_start) in float64 over the completions of `ds_rows` (independent of fdpo)."""
-    pol, _ = _load(model_dir)
-    start, _ = _load(start_dir)
+def token_mean_divergence(policy, ref, rows, tok, name: str) -> float:
+    """Token mean of D_name(π‖π_ref) in float64 over the completions of conversational `rows`, each position's
+    divergence summed directly over the vocabulary (independent of fdpo)."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for row in ds_rows:
+        for row in rows:
             prompt = tok.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
             full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
             ids = torch.tensor([full])
-            logp = pol(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
-            logq = start(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
-            kl = direct_divergence("reverse_kl", {}, logp, logq)
-            total, count = total + kl.sum().item(), count + kl.numel()
+            logp = policy(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
+            logq = ref(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
+            d = direct_divergence(name, {}, logp, logq)
+            total, count = total + d.sum().item(), count + d.numel()
     return total / count
+
+
+def _kl_to(model_dir, start_dir, ds_rows, tok) -> float:
+    """Token mean of KL(π‖π_start) in float64 over the completions of `ds_rows` (independent of fdpo)."""
+    return token_mean_divergence(_load(model_dir)[0], _load(start_dir)[0], ds_rows, tok, "reverse_kl")
 
 
 @pytest.mark.slow

@@ -16,18 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_args import CPU_TRAINER_ARGS
 
 from fdpo.trainers.token_dpo import MASK_FILE, TokenDPOConfig, TokenDPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = {
-    "report_to": "none",
-    "bf16": False,
-    "use_cpu": True,
-    "save_strategy": "no",
-    "logging_steps": 1,
-    "dataloader_num_workers": 0,
-    "disable_tqdm": True,
+    **CPU_TRAINER_ARGS,
     "max_length": 64,
 }
 
