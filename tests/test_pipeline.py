@@ -40,9 +40,9 @@ def test_quickstart_recipe_parses():
     assert [s.kind for s in stages][:2] == ["tiny", "data"]
 
 
-def test_skip_and_from(tmp_path):
-    run_dir = tmp_path / "run"
-    pipe = _write(
+def _sft_pipeline(tmp_path, run_dir, **sft_overrides):
+    """A pipeline file: tiny model → data → a short SFT stage with `sft_overrides`."""
+    return _write(
         tmp_path,
         {
             "run_dir": str(run_dir),
@@ -56,14 +56,18 @@ def test_skip_and_from(tmp_path):
                     "overrides": {
                         "model_name_or_path": {"from_stage": "model"},
                         "dataset_name": {"from_stage": "data", "file": "sft.jsonl"},
-                        "max_steps": 2,
                         "per_device_train_batch_size": 4,
-                        "save_strategy": "no",
+                        **sft_overrides,
                     },
                 },
             ],
         },
     )
+
+
+def test_skip_and_from(tmp_path):
+    run_dir = tmp_path / "run"
+    pipe = _sft_pipeline(tmp_path, run_dir, max_steps=2, save_strategy="no")
     first = run_pipeline(pipe)
     assert [r.status for r in first] == ["ran", "ran", "ran"]
     assert (run_dir / "pipeline_summary.json").is_file()
@@ -84,30 +88,8 @@ def test_killed_train_stage_resumes_to_the_same_final_metrics(tmp_path):
     from fdpo.trainers.checkpoints import RUN_MARKER, checkpoint_dirs
 
     run_dir = tmp_path / "run"
-    pipe = _write(
-        tmp_path,
-        {
-            "run_dir": str(run_dir),
-            "stages": [
-                {"name": "model", "kind": "tiny", "seed": 0},
-                {"name": "data", "kind": "data", "task": "sum_pairs"},
-                {
-                    "name": "sft",
-                    "kind": "train",
-                    "recipe": str(REPO / "recipes" / "tiny" / "sft.yaml"),
-                    "overrides": {
-                        "model_name_or_path": {"from_stage": "model"},
-                        "dataset_name": {"from_stage": "data", "file": "sft.jsonl"},
-                        "max_steps": 6,
-                        "per_device_train_batch_size": 4,
-                        "warmup_steps": 0,
-                        "logging_steps": 1,
-                        "save_strategy": "steps",
-                        "save_steps": 3,
-                    },
-                },
-            ],
-        },
+    pipe = _sft_pipeline(
+        tmp_path, run_dir, max_steps=6, warmup_steps=0, logging_steps=1, save_strategy="steps", save_steps=3
     )
     uninterrupted = run_pipeline(pipe)[-1]
     out = run_dir / "sft"
