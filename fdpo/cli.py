@@ -17,7 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fdpo.recipe.validate import RecipeError
+from fdpo.errors import RecipeError
 
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:

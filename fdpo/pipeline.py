@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fdpo.errors import RecipeError, nearest
 from fdpo.recipe.load import parse_overrides, read_yaml
-from fdpo.recipe.validate import RecipeError, nearest
 from fdpo.trainers.checkpoints import RUN_MARKER, run_is_complete, write_json
 
 logger = logging.getLogger("fdpo")

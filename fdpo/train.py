@@ -17,7 +17,8 @@ import yaml
 
 from fdpo.cpu_threads import torch_threads
 from fdpo.data.loading import check_columns, load_any_dataset
-from fdpo.recipe import Recipe, RecipeError
+from fdpo.errors import RecipeError
+from fdpo.recipe import Recipe
 from fdpo.trainers.checkpoints import (
     RESOLVED_RECIPE,
     RUN_MARKER,

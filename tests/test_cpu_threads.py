@@ -26,7 +26,8 @@ def test_threads_set_inside_and_restored_after():
 
 
 def test_invalid_value_names_the_key(tmp_path):
-    from fdpo.recipe import RecipeError, load_recipe
+    from fdpo.errors import RecipeError
+    from fdpo.recipe import load_recipe
     from fdpo.train import run_training
 
     with pytest.raises(ValueError, match="cpu_threads"), torch_threads(0):

@@ -214,7 +214,7 @@ def test_trainer_loss_equals_direct_sum_on_full_logits(tiny_model_dir, task_data
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes" / "tiny").glob("distill_*.yaml")))
 def test_distill_recipes_validate(name):
-    from fdpo.recipe import RecipeError
+    from fdpo.errors import RecipeError
 
     recipe = load_recipe(REPO / "recipes" / "tiny" / name)
     args = recipe.training_args

@@ -343,7 +343,7 @@ def test_store_write_is_atomic(tmp_path):
 
 
 def test_recipe_errors_name_the_key(tmp_path):
-    from fdpo.recipe import RecipeError
+    from fdpo.errors import RecipeError
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("trainer: grpo\nmodel_name_or_path: m\ndataset_name: d.jsonl\noutput_dir: o\n"

@@ -198,7 +198,8 @@ def test_rehearsal_only_loads_no_reference(tiny_model_dir, task_data_dir, tmp_pa
     ],
 )
 def test_recipe_errors_name_the_key(tmp_path, override, fragment):
-    from fdpo.recipe import RecipeError, load_recipe
+    from fdpo.errors import RecipeError
+    from fdpo.recipe import load_recipe
 
     with pytest.raises(RecipeError, match=fragment):
         load_recipe(RECIPES / "tiny" / "grpo_k3_ratio.yaml", {"output_dir": str(tmp_path), **override})

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fdpo.errors import RecipeError
 from fdpo.pipeline import parse_pipeline, run_pipeline
-from fdpo.recipe import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 

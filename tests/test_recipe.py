@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from fdpo.data.loading import check_columns, load_any_dataset
-from fdpo.recipe import RecipeError, load_recipe, parse_overrides
+from fdpo.errors import RecipeError
+from fdpo.recipe import load_recipe, parse_overrides
 
 BASE = {
     "trainer": "sft",

@@ -20,7 +20,7 @@ from fdpo.data.tasks import (
     read_jsonl,
     write_task_data,
 )
-from fdpo.recipe.validate import RecipeError
+from fdpo.errors import RecipeError
 
 SUM_CASES = [
     # (target, completion, correct)

@@ -48,7 +48,7 @@ from fdpo.data.rehearsal import (
     tokenizer_fingerprint,
     write_rehearsal_dir,
 )
-from fdpo.recipe.validate import RecipeError
+from fdpo.errors import RecipeError
 
 logger = logging.getLogger("fdpo")
 

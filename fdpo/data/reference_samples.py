@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fdpo.recipe.validate import RecipeError
+from fdpo.errors import RecipeError
 
 logger = logging.getLogger("fdpo")
 

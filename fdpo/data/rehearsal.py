@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fdpo.recipe.validate import RecipeError
+from fdpo.errors import RecipeError
 
 FORMAT = "fdpo-dph-rehearsal"
 FORMAT_VERSION = 1

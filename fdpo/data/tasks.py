@@ -37,7 +37,7 @@ from typing import Any
 from fdpo.data.between import BetweenTask
 from fdpo.data.sum_pairs import SumPairsTask
 from fdpo.data.task_base import Record, Task, decisive_spans
-from fdpo.recipe.validate import RecipeError, nearest
+from fdpo.errors import RecipeError, nearest
 
 TASKS: dict[str, Callable[[], Task]] = {
     "sum_pairs": SumPairsTask,

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from fdpo.recipe.validate import RecipeError, check_field, nearest
+from fdpo.errors import RecipeError, nearest
+from fdpo.recipe.validate import check_field
 from fdpo.trainers.registry import TRAINERS, get_trainer_spec
 
 TRAINER_NAMES = tuple(TRAINERS)

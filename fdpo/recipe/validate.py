@@ -8,21 +8,12 @@ is built, and names the key and the recipe file in the error.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import types
 import typing
 from typing import Any
 
-
-class RecipeError(ValueError):
-    """A recipe could not be used. The message names the file, the key and a fix."""
-
-
-def nearest(name: str, candidates: typing.Iterable[str]) -> str | None:
-    """The closest valid name to `name` (difflib ratio ≥ 0.6), or None."""
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return matches[0] if matches else None
+from fdpo.errors import RecipeError, nearest
 
 
 def _type_name(tp: Any) -> str:

@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Callable
 
 from fdpo.data.tasks import available_tasks
-from fdpo.recipe.validate import RecipeError, nearest
+from fdpo.errors import RecipeError, nearest
 from fdpo.rewards.exact import exact_match
 from fdpo.rewards.math_reward import math_verify
 from fdpo.rewards.tasks import TaskReward, synthetic_task

@@ -93,7 +93,7 @@ TRAINERS: dict[str, TrainerSpec] = {
 def get_trainer_spec(name: str) -> TrainerSpec:
     if name not in TRAINERS:
         # imported here: fdpo.recipe imports this module (importing it first would be circular)
-        from fdpo.recipe.validate import RecipeError, nearest
+        from fdpo.errors import RecipeError, nearest
 
         hint = nearest(name, TRAINERS)
         extra = f" Did you mean '{hint}'?" if hint else ""
