@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+# Developer shortcut, off unless set: FDPO_TEST_PREBUILT=DIR holding model/, data/ and sft/ from a
+# quickstart run (`fdpo pipeline recipes/tiny/quickstart.yaml` writes them under runs/tiny) lets the
+# session fixtures below copy those instead of rebuilding them (the SFT stage is minutes on a busy
+# machine). The copies are what `fdpo tiny`, `fdpo data` and the SFT recipe build, so only use it
+# when your change does not touch how they are built. CI never sets it.
+PREBUILT = os.environ.get("FDPO_TEST_PREBUILT")
+
+
+def _prebuilt(name: str, dest: Path) -> Path | None:
+    if not PREBUILT:
+        return None
+    src = Path(PREBUILT) / name
+    if not src.is_dir():
+        raise FileNotFoundError(f"FDPO_TEST_PREBUILT={PREBUILT}: no {name}/ there")
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("checkpoint-*", "incomplete-checkpoint-*"))
+    return dest
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +32,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with the untrained tiny Llama model + tokenizer (`fdpo tiny`, seed 0, sum_pairs)."""
     from fdpo.models.tiny import build_tiny_model
 
+    if (pre := _prebuilt("model", tmp_path_factory.mktemp("tiny_model") / "model")) is not None:
+        return pre
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), arch="llama", seed=0, task="sum_pairs")
 
 
@@ -22,6 +43,8 @@ def task_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fdpo.data.tasks import write_task_data
 
     out = tmp_path_factory.mktemp("task_data")
+    if (pre := _prebuilt("data", out / "data")) is not None:
+        return pre
     write_task_data("sum_pairs", out, seed=0)
     return out
 
@@ -37,6 +60,8 @@ def tiny_sft_dir(tiny_model_dir: Path, task_data_dir: Path, tmp_path_factory: py
     from fdpo.train import run_training
 
     out = tmp_path_factory.mktemp("tiny_sft") / "sft"
+    if (pre := _prebuilt("sft", out)) is not None:
+        return pre
     recipe = load_recipe(
         Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "sft.yaml",
         {
