@@ -156,7 +156,7 @@ def child(variant: str, ns: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+    from fdpo.trainers.grpo_trainer import FGRPOConfig, FGRPOTrainer
 
     data = load_dataset("json", data_files=ns.data, split="train")
     common = dict(

@@ -70,7 +70,7 @@ def _run(cls_cfg, cls_trainer, model_dir, data, out, **kw):
 def test_k3_ratio_matches_trl_inline_kl(tiny_model_dir, task_data_dir, tmp_path, loss_type, extra):
     from trl import GRPOConfig, GRPOTrainer
 
-    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+    from fdpo.trainers.grpo_trainer import FGRPOConfig, FGRPOTrainer
 
     data = _data(task_data_dir)
     eta = 0.5
@@ -96,7 +96,7 @@ def test_k3_ratio_matches_trl_inline_kl(tiny_model_dir, task_data_dir, tmp_path,
 def test_no_penalty_loads_no_reference_and_matches_trl_beta0(tiny_model_dir, task_data_dir, tmp_path):
     from trl import GRPOConfig, GRPOTrainer
 
-    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+    from fdpo.trainers.grpo_trainer import FGRPOConfig, FGRPOTrainer
 
     data = _data(task_data_dir)
     trl = _run(GRPOConfig, GRPOTrainer, tiny_model_dir, data, tmp_path / "trl", beta=0.0, max_steps=2)
@@ -109,7 +109,7 @@ def test_no_penalty_loads_no_reference_and_matches_trl_beta0(tiny_model_dir, tas
 def test_full_vocab_skips_reference_logps(tiny_model_dir, task_data_dir, tmp_path):
     """full_vocab keeps the reference's hidden states instead of TRL's reference log-prob pass; at π = π_ref
     (first step) its value is 0, then positive."""
-    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+    from fdpo.trainers.grpo_trainer import FGRPOConfig, FGRPOTrainer
 
     tr = _run(
         FGRPOConfig, FGRPOTrainer, tiny_model_dir, _data(task_data_dir), tmp_path / "fv",
@@ -124,7 +124,7 @@ def test_full_vocab_skips_reference_logps(tiny_model_dir, task_data_dir, tmp_pat
 def test_disco_regroups_shuffled_rollouts(tiny_model_dir, task_data_dir, tmp_path):
     """TRL shuffles the generation batch; DisCO's groups must be whole questions again: rows with the same
     `fdpo_group` carry the same prompt, every group has num_generations rows, and no reference is loaded."""
-    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+    from fdpo.trainers.grpo_trainer import FGRPOConfig, FGRPOTrainer
 
     tr = _run(FGRPOConfig, FGRPOTrainer, tiny_model_dir, _data(task_data_dir), tmp_path / "disco", loss_type="disco",
               max_steps=1)
@@ -167,7 +167,7 @@ def test_rehearsal_only_loads_no_reference(tiny_model_dir, task_data_dir, tmp_pa
         {**over, "max_steps": 2, "per_device_train_batch_size": 8, "eval_task": None, "save_strategy": "steps",
          "save_steps": 1, "logging_steps": 1},
     )
-    from fdpo.trainers import grpo
+    from fdpo.trainers import grpo_trainer as grpo
 
     seen = {}
     original = grpo.FGRPOTrainer.__init__
@@ -272,7 +272,7 @@ def test_peft_reference_is_the_adapter_free_base(tiny_model_dir, task_data_dir, 
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+    from fdpo.trainers.grpo_trainer import FGRPOConfig, FGRPOTrainer
 
     args = FGRPOConfig(output_dir=str(tmp_path / "peft"), **{**COMMON, "learning_rate": 3e-2},
                        divergence_coef=0.5, estimator=estimator)
@@ -293,7 +293,7 @@ def test_reference_logps_are_the_initial_model_at_the_sampling_temperature(tiny_
     policy has moved (step 2), and the policy's own log-probs differ from them."""
     from transformers import AutoModelForCausalLM
 
-    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+    from fdpo.trainers.grpo_trainer import FGRPOConfig, FGRPOTrainer
 
     T = 0.7
     tr = _run(FGRPOConfig, FGRPOTrainer, tiny_model_dir, _data(task_data_dir), tmp_path / "k2",
@@ -322,7 +322,7 @@ def test_k1_reward_advantages_from_an_independent_recomputation(tiny_model_dir, 
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from fdpo.trainers.grpo import FGRPOConfig, FGRPOTrainer
+    from fdpo.trainers.grpo_trainer import FGRPOConfig, FGRPOTrainer
 
     class Snapshot(TrainerCallback):
         state = None

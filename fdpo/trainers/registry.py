@@ -65,7 +65,7 @@ TRAINERS: dict[str, TrainerSpec] = {
     ),
     "grpo": TrainerSpec(
         name="grpo",
-        module="fdpo.trainers.grpo",
+        module="fdpo.trainers.grpo_trainer",
         trainer_name="FGRPOTrainer",
         config_name="FGRPOConfig",
         column_sets=(("prompt",),),
