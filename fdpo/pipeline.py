@@ -8,7 +8,7 @@ A pipeline recipe is YAML:
       - {name: data, kind: data, task: sum_pairs, seed: 0}
       - name: sft
         kind: train
-        recipe: recipes/tiny/sft.yaml
+        recipe: recipes/tiny/sft/sft.yaml
         overrides:                     # recipe keys; {from_stage: X, file: F} is X's output (/F)
           model_name_or_path: {from_stage: model}
           dataset_name: {from_stage: data, file: sft.jsonl}

@@ -3,10 +3,10 @@
     python scripts/compare_divergences.py                       # runs/tiny/sft + runs/tiny/data (quickstart)
     python scripts/compare_divergences.py --sft DIR --data DIR --steps 120 --out runs/tiny/compare
 
-Every method starts from the same SFT checkpoint, with the same RL settings (recipes/tiny/*.yaml: GRPO/DAPO
+Every method starts from the same SFT checkpoint, with the same RL settings (recipes/tiny/grpo/*.yaml: GRPO/DAPO
 loss, 8 rollouts per prompt, same seed, learning rate and number of steps); only the regulariser differs:
 
-- ``grpo_none``      no divergence term (recipes/tiny/grpo_none.yaml)
+- ``grpo_none``      no divergence term (recipes/tiny/grpo/grpo_none.yaml)
 - ``grpo_k3_ratio``  reverse KL(π‖π_ref), TRL's default estimator, online reference model
 - ``dph_forward``    DPH-RL: RL on D_exp + forward-KL rehearsal on stored π_ref samples of D_pef, no reference model
 - ``dph_js``         DPH-RL with Jensen–Shannon rehearsal
@@ -78,7 +78,7 @@ def main() -> None:
     methods = [m for m in ns.methods.split(",") if m]
     if any(m.startswith("dph") for m in methods) and not (store / "manifest.json").exists():
         t = time.time()
-        presample_recipe(ROOT / "recipes" / "tiny" / "dph_forward.yaml",
+        presample_recipe(ROOT / "recipes" / "tiny" / "grpo" / "dph_forward.yaml",
                          {**common, "output_dir": str(out / "presample"), "presample_dir": str(store),
                           "presample_n": ns.presample_n})
         print(f"presample: {time.time() - t:.0f} s", flush=True)
@@ -87,7 +87,7 @@ def main() -> None:
         over = {**common, "output_dir": str(out / m)}
         if m.startswith("dph"):
             over["rehearsal_file"] = str(store)
-        recipe = load_recipe(ROOT / "recipes" / "tiny" / f"{m}.yaml", over)
+        recipe = load_recipe(ROOT / "recipes" / "tiny" / "grpo" / f"{m}.yaml", over)
         run_training(recipe)
         rows[m] = evaluate(out / m)
         rows[m]["train_s"] = round(time.time() - t, 1)

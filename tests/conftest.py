@@ -10,7 +10,7 @@ import pytest
 import torch
 
 # Developer shortcut, off unless set: FDPO_TEST_PREBUILT=DIR holding model/, data/ and sft/ from a
-# quickstart run (`fdpo pipeline recipes/tiny/quickstart.yaml` writes them under runs/tiny) lets the
+# quickstart run (`fdpo pipeline recipes/tiny/pipelines/quickstart.yaml` writes them under runs/tiny) lets the
 # session fixtures below copy those instead of rebuilding them (the SFT stage is minutes on a busy
 # machine). The copies are what `fdpo tiny`, `fdpo data` and the SFT recipe build, so only use it
 # when your change does not touch how they are built. CI never sets it.
@@ -51,7 +51,7 @@ def task_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sft_dir(tiny_model_dir: Path, task_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model after `recipes/tiny/sft.yaml` (1000 steps × 64, ~80 s on 2 cores), trained once per session.
+    """The tiny model after `recipes/tiny/sft/sft.yaml` (1000 steps × 64, ~80 s on 2 cores), trained once per session.
 
     The starting point of every downstream objective's tests (DPO, GRPO, distillation, post-DPO SFT), as
     the quickstart's SFT stage is for their recipes. pass@1 ≈ 0.9 on held-out sum_pairs prompts.
@@ -63,7 +63,7 @@ def tiny_sft_dir(tiny_model_dir: Path, task_data_dir: Path, tmp_path_factory: py
     if (pre := _prebuilt("sft", out)) is not None:
         return pre
     recipe = load_recipe(
-        Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "sft.yaml",
+        Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "sft" / "sft.yaml",
         {
             "model_name_or_path": str(tiny_model_dir),
             "dataset_name": str(task_data_dir / "sft.jsonl"),

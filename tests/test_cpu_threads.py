@@ -32,6 +32,6 @@ def test_invalid_value_names_the_key(tmp_path):
 
     with pytest.raises(ValueError, match="cpu_threads"), torch_threads(0):
         pass
-    recipe = load_recipe(REPO / "recipes" / "tiny" / "sft.yaml", {"cpu_threads": 0, "output_dir": str(tmp_path)})
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "sft" / "sft.yaml", {"cpu_threads": 0, "output_dir": str(tmp_path)})
     with pytest.raises(RecipeError, match="cpu_threads"):
         run_training(recipe)

@@ -245,7 +245,7 @@ def test_lora_adapter_reference_is_base(tiny_model_dir, task_data_dir, tmp_path)
 def test_config_and_recipe():
     from fdpo.recipe import load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / "tiny" / "d2o.yaml")
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "d2o" / "d2o.yaml")
     cfg = recipe.training_args
     assert recipe.recipe_args.trainer == "d2o" and isinstance(cfg, FD2OConfig)
     assert (cfg.beta, cfg.d2o_alpha, cfg.num_reference_samples, cfg.precompute_ref_log_probs) == (
@@ -282,7 +282,7 @@ def test_d2o_lowers_negatives_and_keeps_self_samples(tiny_sft_dir, task_data_dir
         "save_strategy": "no",
         "disable_tqdm": True,
     }
-    metrics = run_training(load_recipe(REPO / "recipes" / "tiny" / "d2o.yaml", overrides))
+    metrics = run_training(load_recipe(REPO / "recipes" / "tiny" / "d2o" / "d2o.yaml", overrides))
     assert metrics["global_step"] == 30
     ref, tok = _load(tiny_sft_dir)
     pol, _ = _load(out)

@@ -164,7 +164,7 @@ def test_student_moves_toward_the_teacher(tiny_model_dir, tiny_sft_dir, task_dat
     from fdpo.train import run_training
 
     out = tmp_path / "student"
-    recipe = load_recipe(REPO / "recipes" / "tiny" / "distill_forward_kl.yaml", {
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "distill" / "distill_forward_kl.yaml", {
         "model_name_or_path": str(tiny_model_dir), "teacher_model_name_or_path": str(tiny_sft_dir),
         "dataset_name": str(Path(task_data_dir) / "sft.jsonl"), "output_dir": str(out), "divergence": divergence,
         "max_steps": 15, "per_device_train_batch_size": 16, "save_strategy": "no", "logging_steps": 5,
@@ -212,13 +212,13 @@ def test_trainer_loss_equals_direct_sum_on_full_logits(tiny_model_dir, task_data
     assert truth > 1e-3 and loss.item() == pytest.approx(truth, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes" / "tiny").glob("distill_*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes" / "tiny" / "distill").glob("*.yaml")))
 def test_distill_recipes_validate(name):
     from fdpo.errors import RecipeError
 
-    recipe = load_recipe(REPO / "recipes" / "tiny" / name)
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "distill" / name)
     args = recipe.training_args
     assert isinstance(args, FDistillConfig) and args.teacher_model_name_or_path == "runs/tiny/sft"
     resolve_distill_objective(args.divergence, args.divergence_kwargs())
     with pytest.raises(RecipeError, match="'lmbda'"):
-        load_recipe(REPO / "recipes" / "tiny" / name, {"lambda": 0.5})
+        load_recipe(REPO / "recipes" / "tiny" / "distill" / name, {"lambda": 0.5})

@@ -4,7 +4,7 @@
 - Short training runs on a tiny Llama: precomputed reference log-probs, a reference reloaded from disk with
   gradient checkpointing, a peft LoRA adapter (reference = base with the adapter disabled) with and without
   precompute; finite losses and the logged metric names.
-- The recipes in recipes/tiny/dpo_*.yaml load, and one runs through `fdpo.train.run_training`.
+- The recipes in recipes/tiny/dpo/dpo_*.yaml load, and one runs through `fdpo.train.run_training`.
 - End to end: f-DPO (JS) raises chosen-over-rejected likelihood accuracy on held-out pairs.
 """
 
@@ -232,7 +232,7 @@ def test_non_finite_loss_stops_with_step_and_term(trainers):
 # recipes
 
 
-DPO_RECIPES = sorted((REPO / "recipes" / "tiny").glob("dpo_*.yaml"))
+DPO_RECIPES = sorted((REPO / "recipes" / "tiny" / "dpo").glob("*.yaml"))
 
 
 def test_dpo_recipes_load():
@@ -263,7 +263,7 @@ def test_dpo_recipe_runs_through_run_training(tiny_dir, tmp_path):
         "eval_dataset_name": None,
         "eval_strategy": "no",
     }
-    metrics = run_training(load_recipe(REPO / "recipes" / "tiny" / "dpo_js.yaml", overrides))
+    metrics = run_training(load_recipe(REPO / "recipes" / "tiny" / "dpo" / "dpo_js.yaml", overrides))
     assert metrics["global_step"] == 2
     assert any("div/js" in h for h in metrics["log_history"])
 

@@ -339,11 +339,11 @@ def test_two_process_cpu_matches_one_process_with_the_regulariser(tiny_model_dir
             "--divergence", "js", "--divergence_coef", "1.0", "--learning_rate", "1e-2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     runs = {
-        1: [sys.executable, "-m", "fdpo", "train", str(repo / "recipes" / "tiny" / "sft.yaml"), *args,
+        1: [sys.executable, "-m", "fdpo", "train", str(repo / "recipes" / "tiny" / "sft" / "sft.yaml"), *args,
             "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "8"],
         2: [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(repo / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "29561",
-            "-m", "fdpo", "train", str(repo / "recipes" / "tiny" / "sft.yaml"), *args,
+            "-m", "fdpo", "train", str(repo / "recipes" / "tiny" / "sft" / "sft.yaml"), *args,
             "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "4"],
     }
     losses = {}

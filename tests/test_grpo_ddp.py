@@ -23,7 +23,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "recipes" / "tiny"
+RECIPES = REPO / "recipes" / "tiny" / "grpo"
 STEPS = 3
 GLOBAL_BATCH = 8  # 2 prompts × 4 rollouts per step; 2 processes: one prompt group each
 

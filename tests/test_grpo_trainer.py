@@ -160,10 +160,10 @@ def test_rehearsal_only_loads_no_reference(tiny_model_dir, task_data_dir, tmp_pa
         "pef_threshold": 0.5,
         "max_completion_length": 6,
     }
-    manifest = presample_recipe(RECIPES / "tiny" / "dph_js.yaml", over)
+    manifest = presample_recipe(RECIPES / "tiny" / "grpo" / "dph_js.yaml", over)
     assert manifest["counts"]["stored_samples"] > 0
     recipe = load_recipe(
-        RECIPES / "tiny" / "dph_js.yaml",
+        RECIPES / "tiny" / "grpo" / "dph_js.yaml",
         {**over, "max_steps": 2, "per_device_train_batch_size": 8, "eval_task": None, "save_strategy": "steps",
          "save_steps": 1, "logging_steps": 1},
     )
@@ -202,10 +202,10 @@ def test_recipe_errors_name_the_key(tmp_path, override, fragment):
     from fdpo.recipe import load_recipe
 
     with pytest.raises(RecipeError, match=fragment):
-        load_recipe(RECIPES / "tiny" / "grpo_k3_ratio.yaml", {"output_dir": str(tmp_path), **override})
+        load_recipe(RECIPES / "tiny" / "grpo" / "grpo_k3_ratio.yaml", {"output_dir": str(tmp_path), **override})
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*/grpo/*.yaml")), ids=lambda p: f"{p.parents[1].name}/{p.name}")
 def test_grpo_recipes_validate(path, tmp_path):
     """Every GRPO-family recipe (tiny and GPU) loads through the recipe loader (no model is loaded)."""
     from fdpo.recipe import load_recipe
@@ -229,7 +229,7 @@ def test_tiny_recipe_trains_a_few_steps(name, tiny_sft_dir, task_data_dir, tmp_p
     from fdpo.train import run_training
 
     recipe = load_recipe(
-        RECIPES / "tiny" / f"{name}.yaml",
+        RECIPES / "tiny" / "grpo" / f"{name}.yaml",
         {
             "model_name_or_path": str(tiny_sft_dir),
             "dataset_name": str(task_data_dir / "rl.jsonl"),

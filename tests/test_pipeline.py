@@ -36,7 +36,7 @@ def test_parse_errors_name_stage_and_key(tmp_path):
 
 
 def test_quickstart_recipe_parses():
-    _run_dir, stages = parse_pipeline(REPO / "recipes" / "tiny" / "quickstart.yaml")
+    _run_dir, stages = parse_pipeline(REPO / "recipes" / "tiny" / "pipelines" / "quickstart.yaml")
     assert [s.kind for s in stages][:2] == ["tiny", "data"]
 
 
@@ -52,7 +52,7 @@ def _sft_pipeline(tmp_path, run_dir, **sft_overrides):
                 {
                     "name": "sft",
                     "kind": "train",
-                    "recipe": str(REPO / "recipes" / "tiny" / "sft.yaml"),
+                    "recipe": str(REPO / "recipes" / "tiny" / "sft" / "sft.yaml"),
                     "overrides": {
                         "model_name_or_path": {"from_stage": "model"},
                         "dataset_name": {"from_stage": "data", "file": "sft.jsonl"},

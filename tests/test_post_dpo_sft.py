@@ -25,9 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def dpo_dir(tiny_model_dir, task_data_dir, tmp_path_factory) -> Path:
-    """A 3-step f-DPO (JS) checkpoint trained through recipes/tiny/dpo_js.yaml from the tiny model."""
+    """A 3-step f-DPO (JS) checkpoint trained through recipes/tiny/dpo/dpo_js.yaml from the tiny model."""
     out = tmp_path_factory.mktemp("dpo") / "dpo"
-    recipe = load_recipe(TINY / "dpo_js.yaml", {
+    recipe = load_recipe(TINY / "dpo" / "dpo_js.yaml", {
         "model_name_or_path": str(tiny_model_dir),
         "dataset_name": str(task_data_dir / "preference.jsonl"),
         "eval_dataset_name": None, "eval_strategy": "no",
@@ -48,7 +48,7 @@ def test_post_dpo_sft_starts_with_policy_equal_reference_equal_dpo_weights(dpo_d
                                                                            tmp_path):
     from safetensors.torch import load_file
 
-    recipe = load_recipe(TINY / "post_dpo_sft.yaml", {
+    recipe = load_recipe(TINY / "sft" / "post_dpo_sft.yaml", {
         "model_name_or_path": str(dpo_dir), "dataset_name": str(task_data_dir / "sft.jsonl"),
         "output_dir": str(tmp_path / "post"), "max_steps": 2, **FAST,
     })
@@ -79,11 +79,11 @@ def test_pipeline_post_dpo_stage_names_the_dpo_stage_for_policy_and_reference(tm
     pipe.write_text(yaml.safe_dump({"run_dir": str(run_dir), "stages": [
         {"name": "model", "kind": "tiny", "seed": 0},
         {"name": "data", "kind": "data", "task": "sum_pairs"},
-        {"name": "dpo", "kind": "train", "recipe": str(TINY / "dpo_js.yaml"), "overrides": {
+        {"name": "dpo", "kind": "train", "recipe": str(TINY / "dpo" / "dpo_js.yaml"), "overrides": {
             "model_name_or_path": {"from_stage": "model"},
             "dataset_name": {"from_stage": "data", "file": "preference.jsonl"},
             "eval_dataset_name": None, "eval_strategy": "no", "max_steps": 2, **FAST}},
-        {"name": "post_dpo_sft", "kind": "train", "recipe": str(TINY / "post_dpo_sft.yaml"), "overrides": {
+        {"name": "post_dpo_sft", "kind": "train", "recipe": str(TINY / "sft" / "post_dpo_sft.yaml"), "overrides": {
             "model_name_or_path": {"from_stage": "dpo"},
             "ref_model_name_or_path": {"from_stage": "dpo"},
             "dataset_name": {"from_stage": "data", "file": "sft.jsonl"}, "max_steps": 2, **FAST}},

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "tiny" / "sparsepo_common.yaml"
+RECIPE = REPO / "recipes" / "tiny" / "token_dpo" / "sparsepo_common.yaml"
 MASK_FILE = "fdpo_token_mask.safetensors"
 STEPS = 3
 GLOBAL_BATCH = 8

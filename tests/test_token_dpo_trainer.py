@@ -290,7 +290,7 @@ TOKEN_RECIPES = {
 def test_tiny_token_recipes_load(name):
     from fdpo.recipe import load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / "tiny" / name)
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "token_dpo" / name)
     assert recipe.recipe_args.trainer == "token_dpo"
     cfg = recipe.training_args
     assert isinstance(cfg, TokenDPOConfig) and not cfg.precompute_ref_log_probs
@@ -302,19 +302,19 @@ def test_tiny_token_recipes_load(name):
 def test_gpu_sparsepo_recipe_loads_without_a_model():
     from fdpo.recipe import load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / "qwen2.5-0.5b" / "sparsepo.yaml")
+    recipe = load_recipe(REPO / "recipes" / "qwen2.5-0.5b" / "token_dpo" / "sparsepo.yaml")
     cfg = recipe.training_args
     assert recipe.recipe_args.trainer == "token_dpo"
     assert cfg.objective == "sparsepo" and cfg.mask == "sparse" and not cfg.precompute_ref_log_probs
     assert recipe.model_args.dtype == "bfloat16"
-    text = (REPO / "recipes" / "qwen2.5-0.5b" / "sparsepo.yaml").read_text()
+    text = (REPO / "recipes" / "qwen2.5-0.5b" / "token_dpo" / "sparsepo.yaml").read_text()
     config = text.split("--config_file ")[1].split()[0]
     assert "accelerate launch" in text and (REPO / config).is_file(), config
 
 
 @pytest.mark.slow
 def test_recipe_runs_and_resumes_through_run_training(tiny_model_dir, task_data_dir, tmp_path):
-    """`fdpo train recipes/tiny/sparsepo_independent.yaml`: 2 steps with a checkpoint, then a rerun with more
+    """`fdpo train recipes/tiny/token_dpo/sparsepo_independent.yaml`: 2 steps with a checkpoint, then a rerun with more
     steps resumes from it (mask parameters included) and the final output holds the mask file."""
     from fdpo.recipe import load_recipe
     from fdpo.train import run_training
@@ -331,7 +331,7 @@ def test_recipe_runs_and_resumes_through_run_training(tiny_model_dir, task_data_
         "save_strategy": "steps",
         "save_steps": 2,
     }
-    path = REPO / "recipes" / "tiny" / "sparsepo_independent.yaml"
+    path = REPO / "recipes" / "tiny" / "token_dpo" / "sparsepo_independent.yaml"
     first = run_training(load_recipe(path, overrides))
     assert first["global_step"] == 2 and (tmp_path / "out" / "checkpoint-2" / MASK_FILE).is_file()
     second = run_training(load_recipe(path, {**overrides, "max_steps": 3}), resume=True)

@@ -16,7 +16,7 @@ from fdpo.train import run_training
 from fdpo.trainers.checkpoints import MARKER, RUN_MARKER, checkpoint_dirs, last_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-SFT_RECIPE = REPO / "recipes" / "tiny" / "sft.yaml"
+SFT_RECIPE = REPO / "recipes" / "tiny" / "sft" / "sft.yaml"
 
 
 def _overrides(tiny_model_dir, task_data_dir, out, **extra):
@@ -40,7 +40,7 @@ def _losses(metrics_or_history) -> dict[int, float]:
 def test_sft_raises_task_accuracy(tiny_model_dir, tiny_sft_dir):
     from fdpo.eval import evaluate_checkpoint
 
-    out = tiny_sft_dir  # recipes/tiny/sft.yaml trained through run_training (conftest)
+    out = tiny_sft_dir  # recipes/tiny/sft/sft.yaml trained through run_training (conftest)
     assert (out / RUN_MARKER).is_file() and (out / "config.json").is_file()
     kwargs = {"task": "sum_pairs", "ks": (1,), "num_samples": 4, "num_prompts": 32, "seed": 0}
     before = evaluate_checkpoint(str(tiny_model_dir), **kwargs)
