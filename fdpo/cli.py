@@ -40,8 +40,7 @@ def _cmd_pipeline(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_presample(args: argparse.Namespace, extra: list[str]) -> int:
-    from fdpo.data.presample import presample_recipe
-    from fdpo.recipe import parse_overrides
+    from fdpo.recipe import parse_overrides, presample_recipe
 
     manifest = presample_recipe(args.recipe, parse_overrides(extra))
     c = manifest["counts"]

@@ -179,7 +179,7 @@ def _run_stage(stage: Stage, outputs: dict[str, Path], extra_overrides: dict[str
         history = [h for h in metrics.get("log_history", []) if "loss" in h]
         return {"steps": metrics["global_step"], "final_loss": history[-1]["loss"] if history else None}
     if stage.kind == "presample":
-        from fdpo.data.presample import presample_recipe
+        from fdpo.recipe import presample_recipe
 
         overrides = {**spec.get("overrides", {}), **extra_overrides, "presample_dir": str(stage.out)}
         return _presample_metrics(presample_recipe(spec["recipe"], overrides))

@@ -83,7 +83,7 @@ def test_sample_cache_reuse_and_stale_detection(tiny_model_dir, tmp_path, monkey
     assert meta["sampling"]["num_samples"] == 2 and meta["num_prompts"] == 2
 
     calls = []
-    import fdpo.eval.sampling as sampling  # looked up at call time by the cache
+    import fdpo.data.sampler as sampling  # looked up at call time by the cache
 
     original = sampling.sample_completions
 

@@ -28,6 +28,7 @@ from fdpo.data.rehearsal import (
     write_rehearsal_dir,
 )
 from fdpo.data.tasks import get_task
+from fdpo.recipe import load_presample_recipe
 
 N = 4
 TEMPERATURE = 0.7
@@ -72,7 +73,7 @@ def store(tiny_sft_dir: Path, task_data_dir: Path, tmp_path_factory: pytest.Temp
     with warnings.catch_warnings():  # "trainer 'grpo' is not registered" until FGRPOTrainer is merged
         warnings.simplefilter("ignore", UserWarning)
         assert main(["presample", str(recipe), "--presample_n", str(N)]) == 0
-        settings = resolve_presample_settings(recipe, {"presample_n": N, "presample_dir": str(tmp / "spy")})
+        settings = resolve_presample_settings(load_presample_recipe(recipe, {"presample_n": N, "presample_dir": str(tmp / "spy")}))
     spy = SpyReward()
     presample(dataclasses.replace(settings, reward_funcs=[spy]))
     return settings, tmp / "run" / "dph", tmp / "spy", spy, rows
@@ -351,12 +352,12 @@ def test_recipe_errors_name_the_key(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         with pytest.raises(RecipeError, match="pef_threshold"):
-            resolve_presample_settings(recipe, {"pef_threshold": 1.5})
+            resolve_presample_settings(load_presample_recipe(recipe, {"pef_threshold": 1.5}))
         with pytest.raises(RecipeError, match="presample_nn"):
-            resolve_presample_settings(recipe, {"presample_nn": 3})
+            resolve_presample_settings(load_presample_recipe(recipe, {"presample_nn": 3}))
         with pytest.raises(RecipeError, match="reward_funcs"):
-            resolve_presample_settings(recipe, {"reward_funcs": []})
-        s = resolve_presample_settings(recipe, {"temperature": 0.5, "top_p": 0.9})
+            resolve_presample_settings(load_presample_recipe(recipe, {"reward_funcs": []}))
+        s = resolve_presample_settings(load_presample_recipe(recipe, {"temperature": 0.5, "top_p": 0.9}))
     assert (s.temperature, s.top_p, s.n, s.pef_threshold, s.max_completion_length) == (0.5, 0.9, 8, 1.0, 512)
     assert s.out_dir == str(Path("o") / "dph")
 

@@ -80,8 +80,8 @@ def test_two_process_grpo_k3_ratio_matches_one_process(tiny_sft_dir, task_data_d
 
 @pytest.mark.slow
 def test_two_process_dph_rehearsal_matches_one_process(tiny_sft_dir, task_data_dir, tmp_path):
-    from fdpo.data.presample import presample_recipe
     from fdpo.data.rehearsal import RehearsalBuffer
+    from fdpo.recipe import presample_recipe
 
     store = tmp_path / "dph"
     over = {**_common(tiny_sft_dir, task_data_dir / "rl.jsonl"), "rehearsal_file": str(store)}

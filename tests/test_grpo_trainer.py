@@ -143,8 +143,7 @@ def test_disco_regroups_shuffled_rollouts(tiny_model_dir, task_data_dir, tmp_pat
 
 def test_rehearsal_only_loads_no_reference(tiny_model_dir, task_data_dir, tmp_path, monkeypatch):
     """DPH-RL: presample (on the tiny task) then train with rehearsal and η_KL = 0: no reference model."""
-    from fdpo.data.presample import presample_recipe
-    from fdpo.recipe import load_recipe
+    from fdpo.recipe import load_recipe, presample_recipe
     from fdpo.train import run_training
 
     out = tmp_path / "dph"

@@ -33,273 +33,35 @@ import json
 import logging
 import math
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from trl.data_utils import is_conversational
+from trl.trainer.utils import add_fused_lm_head
 
-from fdpo.data.rehearsal import (
-    D_EXP,
-    D_PEF,
-    dph_dir,
-    read_manifest,
-    tokenizer_fingerprint,
-    write_rehearsal_dir,
+from fdpo.cpu_threads import torch_threads
+from fdpo.data.loading import check_columns, load_any_dataset
+from fdpo.data.presample_settings import PresampleArguments, PresampleSettings, resolve_presample_settings
+from fdpo.data.rehearsal import D_EXP, D_PEF, read_manifest, write_rehearsal_dir
+from fdpo.data.sample_store import tokenizer_fingerprint
+from fdpo.data.sampler import (
+    cut_at_eos,
+    eos_token_ids,
+    pad_prompt_completion,
+    sample_token_ids,
+    tokenize_prompts,
 )
 from fdpo.errors import RecipeError
+from fdpo.rewards import get_reward_function
 
 logger = logging.getLogger("fdpo")
 
 
-@dataclass
-class PresampleArguments:
-    """Recipe keys of `fdpo presample` (a trainer config that defines a key of its own wins)."""
-
-    presample_n: int = field(
-        default=8, metadata={"help": "DPH-RL: completions sampled per training prompt before RL (paper: 8)."}
-    )
-    pef_threshold: float = field(
-        default=1.0,
-        metadata={
-            "help": "DPH-RL: a prompt joins D_pef (rehearsed, not trained on with RL) when at least this "
-            "fraction of its presample_n completions is correct; 1.0 = solved every time (the paper)."
-        },
-    )
-    presample_correct_reward: float = field(
-        default=1.0,
-        metadata={"help": "DPH-RL: a completion is correct when its weighted total reward is ≥ this value."},
-    )
-    presample_batch_size: int = field(
-        default=64, metadata={"help": "DPH-RL: sequences per generate call and per log π_ref forward."}
-    )
-    presample_seed: int | None = field(
-        default=None, metadata={"help": "DPH-RL: sampling seed for `fdpo presample` (default: the recipe's seed)."}
-    )
-    presample_dir: str | None = field(
-        default=None,
-        metadata={"help": "DPH-RL: where `fdpo presample` writes the rehearsal store (default: <output_dir>/dph)."},
-    )
-    reward_funcs: list[str] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Reward functions (names from fdpo.rewards or dotted paths to user functions), as "
-            "TRL's GRPO script takes them."
-        },
-    )
-
-
-@dataclass
-class PresampleSettings:
-    """Everything `presample` uses, resolved from a recipe (see :func:`resolve_presample_settings`)."""
-
-    recipe_path: str
-    model_name_or_path: str
-    model_revision: str | None
-    dtype: str | None
-    dataset_name: str
-    dataset_config: str | None
-    dataset_train_split: str
-    output_dir: str
-    out_dir: str
-    reward_funcs: list[str]
-    reward_weights: list[float] | None
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float | None
-    repetition_penalty: float
-    max_completion_length: int
-    generation_kwargs: dict[str, Any] | None
-    chat_template_kwargs: dict[str, Any] | None
-    cache_implementation: str | None
-    cast_lm_head_to_fp32: bool
-    seed: int
-    n: int
-    pef_threshold: float
-    correct_reward: float
-    batch_size: int
-
-    def generation_manifest(self) -> dict[str, Any]:
-        return {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty,
-            "max_completion_length": self.max_completion_length,
-            "generation_kwargs": self.generation_kwargs,
-            "n": self.n,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "do_sample": True,
-            "logps": "log_softmax(logits / temperature) of the sampled tokens, teacher-forced forward through "
-            f"TRL's fused LM head (cast_lm_head_to_fp32={self.cast_lm_head_to_fp32}), model dtype {self.dtype}",
-        }
-
-
-def _lookup(objs: list[Any], name: str, default: Any = None) -> Any:
-    for obj in objs:
-        if obj is not None and hasattr(obj, name):
-            return getattr(obj, name)
-    return default
-
-
-def _as_dict(value: Any, key: str, where: str) -> dict[str, Any] | None:
-    if value is None or isinstance(value, dict):
-        return value
-    try:
-        out = json.loads(value)
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise RecipeError(f"{where}: key '{key}' must be a mapping (or a JSON string of one), got {value!r}") from exc
-    if not isinstance(out, dict):
-        raise RecipeError(f"{where}: key '{key}' must be a mapping, got {value!r}")
-    return out
-
-
-def resolve_presample_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> PresampleSettings:
-    """Read and validate a training recipe for presampling.
-
-    Every key is checked as `fdpo train` checks it (unknown keys and wrong types are errors naming
-    the key and the file), against the recipe's trainer config plus :class:`PresampleArguments`
-    (a key the trainer config defines itself wins; FGRPOConfig mixes PresampleArguments in).
-    A ``trainer`` not registered in fdpo (e.g. ``grpo`` before FGRPOTrainer exists) is checked
-    against TRL's ``GRPOConfig``, with a warning.
-    """
-    from trl import GRPOConfig, ModelConfig
-
-    from fdpo.recipe.load import (
-        RecipeArguments,
-        _default_precision_for_this_machine,
-        read_yaml,
-        validate_keys,
-    )
-    from fdpo.trainers.registry import TRAINERS, get_trainer_spec
-
-    path = Path(path)
-    where = str(path)
-    raw = read_yaml(path)
-    raw.update(overrides or {})
-    trainer = raw.get("trainer", "sft")
-    if trainer in TRAINERS:
-        config_cls = get_trainer_spec(trainer).config_class()
-    else:
-        warnings.warn(
-            f"{where}: trainer {trainer!r} is not registered in fdpo; checking the recipe against trl.GRPOConfig",
-            stacklevel=2,
-        )
-        raw = {k: v for k, v in raw.items() if k != "trainer"}
-        config_cls = GRPOConfig
-    recipe_kw, model_kw, train_kw, pre_kw = validate_keys(
-        raw, [RecipeArguments, ModelConfig, config_cls, PresampleArguments], where=where
-    )
-    for key, kw in (("model_name_or_path", model_kw), ("output_dir", train_kw), ("dataset_name", recipe_kw)):
-        if kw.get(key) is None:
-            raise RecipeError(f"{where}: missing key '{key}', which `fdpo presample` needs.")
-    train_kw.setdefault("report_to", "none")
-    _default_precision_for_this_machine(train_kw)
-    try:
-        recipe_args = RecipeArguments(**recipe_kw)
-        model_args = ModelConfig(**model_kw)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            targs = config_cls(**train_kw)
-        pargs = PresampleArguments(**pre_kw)
-    except (ValueError, TypeError) as exc:
-        raise RecipeError(f"{where}: invalid combination of values: {exc}") from exc
-    objs = [targs, pargs, recipe_args]
-    reward_funcs = _lookup(objs, "reward_funcs")
-    if isinstance(reward_funcs, str):
-        reward_funcs = [reward_funcs]
-    if not reward_funcs:
-        raise RecipeError(
-            f"{where}: missing key 'reward_funcs' (e.g. `reward_funcs: [sum_pairs]`): presample verifies each "
-            "sample with the training reward."
-        )
-    n = int(_lookup(objs, "presample_n"))
-    threshold = float(_lookup(objs, "pef_threshold"))
-    batch_size = int(_lookup(objs, "presample_batch_size"))
-    if n < 1:
-        raise RecipeError(f"{where}: key 'presample_n' must be ≥ 1, got {n}.")
-    if not 0.0 < threshold <= 1.0:
-        raise RecipeError(f"{where}: key 'pef_threshold' must be in (0, 1] (a fraction of presample_n), got {threshold}.")
-    if batch_size < 1:
-        raise RecipeError(f"{where}: key 'presample_batch_size' must be ≥ 1, got {batch_size}.")
-    temperature = float(_lookup(objs, "temperature", 1.0))
-    if not temperature > 0:
-        raise RecipeError(f"{where}: key 'temperature' must be > 0 for sampling, got {temperature}.")
-    max_len = _lookup(objs, "max_completion_length")
-    if max_len is None:
-        raise RecipeError(f"{where}: key 'max_completion_length' must be set for presampling.")
-    out_dir = _lookup(objs, "presample_dir") or str(dph_dir(targs.output_dir))
-    seed = _lookup(objs, "presample_seed")
-    dtype = model_args.dtype
-    return PresampleSettings(
-        recipe_path=where,
-        model_name_or_path=str(model_args.model_name_or_path),
-        model_revision=model_args.model_revision,
-        dtype=None if dtype in (None, "auto") else str(dtype),
-        dataset_name=str(recipe_args.dataset_name),
-        dataset_config=recipe_args.dataset_config,
-        dataset_train_split=recipe_args.dataset_train_split,
-        output_dir=str(targs.output_dir),
-        out_dir=str(out_dir),
-        reward_funcs=list(reward_funcs),
-        reward_weights=_lookup(objs, "reward_weights"),
-        temperature=temperature,
-        top_p=float(_lookup(objs, "top_p", 1.0)),
-        top_k=int(_lookup(objs, "top_k", 0) or 0),
-        min_p=_lookup(objs, "min_p"),
-        repetition_penalty=float(_lookup(objs, "repetition_penalty", 1.0)),
-        max_completion_length=int(max_len),
-        generation_kwargs=_as_dict(_lookup(objs, "generation_kwargs"), "generation_kwargs", where),
-        chat_template_kwargs=_as_dict(_lookup(objs, "chat_template_kwargs"), "chat_template_kwargs", where),
-        cache_implementation=_lookup(objs, "cache_implementation"),
-        cast_lm_head_to_fp32=bool(_lookup(objs, "cast_lm_head_to_fp32", False)),
-        seed=int(seed if seed is not None else targs.seed),
-        n=n,
-        pef_threshold=threshold,
-        correct_reward=float(_lookup(objs, "presample_correct_reward")),
-        batch_size=batch_size,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Pieces (each usable on its own)
-# ---------------------------------------------------------------------------------------------
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every eos id the model declares, tokenizer's first (as TRL's GRPOTrainer collects them)."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id not in ids:
-        ids = [tokenizer.eos_token_id, *ids]
-    return ids
-
-
-def tokenize_prompts(tokenizer, prompts: list[Any], chat_template_kwargs: dict | None = None) -> list[list[int]]:
-    """Prompt token ids as TRL's GRPOTrainer makes them: the chat template with the generation prompt
-    for conversational prompts, the plain tokenizer for strings."""
-    from trl.data_utils import is_conversational
-
-    if is_conversational({"prompt": prompts[0]}):
-        out = tokenizer.apply_chat_template(
-            conversation=prompts,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            **(chat_template_kwargs or {}),
-        )
-        return [list(ids) for ids in out["input_ids"]]
-    return [list(ids) for ids in tokenizer(text=prompts)["input_ids"]]
-
-
 def generation_config(settings: PresampleSettings, tokenizer, eos_ids: list[int]):
     """The GenerationConfig TRL's GRPOTrainer builds from the same settings (transformers path)."""
-    from transformers import GenerationConfig
-
     kwargs: dict[str, Any] = {
         "max_new_tokens": settings.max_completion_length,
         "do_sample": True,
@@ -318,15 +80,6 @@ def generation_config(settings: PresampleSettings, tokenizer, eos_ids: list[int]
     return GenerationConfig(**kwargs, disable_compile=True)
 
 
-def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
-    """The completion up to and including its first eos (TRL keeps the eos), and whether it ended."""
-    eos = set(eos_ids)
-    for j, t in enumerate(ids):
-        if t in eos:
-            return ids[: j + 1], True
-    return ids, False
-
-
 def group_identical_rows(rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
     """(group index of each row, first row of each group): rows with identical content (every column)
     are one prompt, so a duplicated prompt cannot sit in both D_pef and D_exp."""
@@ -341,14 +94,6 @@ def group_identical_rows(rows: list[dict[str, Any]]) -> tuple[list[int], list[in
     return group_of_row, first_rows
 
 
-def _progress(iterable, total: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with transformers
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
-
-
 def sample(
     model,
     tokenizer,
@@ -356,30 +101,19 @@ def sample(
     settings: PresampleSettings,
     eos_ids: list[int],
 ) -> list[list[tuple[list[int], bool]]]:
-    """``settings.n`` completions (token ids cut at eos, finished flag) per prompt, sampled with
-    ``model.generate`` in left-padded batches of ``settings.batch_size`` sequences, seeded."""
-    from fdpo.data.rehearsal import pad_prompt_completion
-
-    gen_config = generation_config(settings, tokenizer, eos_ids)
-    rows = [i for i in range(len(prompt_ids)) for _ in range(settings.n)]
-    out: list[list[tuple[list[int], bool]]] = [[] for _ in prompt_ids]
-    device = next(model.parameters()).device
-    starts = range(0, len(rows), settings.batch_size)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
-        torch.manual_seed(settings.seed)
-        for start in _progress(starts, len(starts), "presample: generate"):
-            chunk = rows[start : start + settings.batch_size]
-            prompts = [torch.tensor(prompt_ids[i], dtype=torch.long) for i in chunk]
-            padded = pad_prompt_completion(prompts, [p[:0] for p in prompts], tokenizer.pad_token_id)
-            width = padded["input_ids"].size(1)
-            generated = model.generate(
-                input_ids=padded["input_ids"].to(device),
-                attention_mask=padded["attention_mask"].to(device),
-                generation_config=gen_config,
-            )
-            for r, i in enumerate(chunk):
-                out[i].append(cut_at_eos(generated[r, width:].tolist(), eos_ids))
-    return out
+    """``settings.n`` completions (token ids cut after eos, finished flag) per prompt, drawn by fdpo's
+    one sampler (fdpo/data/sampler.py) in left-padded batches of ``settings.batch_size`` sequences, seeded."""
+    return sample_token_ids(
+        model,
+        prompt_ids,
+        generation_config=generation_config(settings, tokenizer, eos_ids),
+        num_samples=settings.n,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_ids=eos_ids,
+        progress="presample: generate",
+    )
 
 
 def score(
@@ -391,8 +125,6 @@ def score(
     batch_size: int,
 ) -> list[float]:
     """Weighted total reward of each completion (TRL's call convention; a None reward counts as NaN)."""
-    from trl.data_utils import is_conversational
-
     w = [1.0] * len(reward_fns) if weights is None else list(weights)
     if len(w) != len(reward_fns):
         raise RecipeError(f"reward_weights has {len(w)} values for {len(reward_fns)} reward functions")
@@ -432,10 +164,6 @@ def reference_logps(
     """Per-token log π(y_t | x, y_<t) at ``temperature`` (log_softmax(logits / T)) of each completion,
     by a teacher-forced forward in TRL's rollout layout through TRL's fused LM head (on a shallow copy
     of ``model``, which is left unpatched), exactly as GRPOTrainer computes training log-probs."""
-    from trl.trainer.utils import add_fused_lm_head
-
-    from fdpo.data.rehearsal import pad_prompt_completion
-
     # a shallow copy shares every module and parameter, so the patch does not touch the caller's model
     fused = copy.copy(model)
     add_fused_lm_head(fused, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
@@ -443,7 +171,7 @@ def reference_logps(
     out: list[list[float]] = []
     starts = range(0, len(prompt_ids), batch_size)
     with torch.inference_mode():
-        for start in _progress(starts, len(starts), "presample: log π_ref"):
+        for start in tqdm(starts, total=len(starts), desc="presample: log π_ref", unit="batch", leave=False):
             prompts = [torch.tensor(p, dtype=torch.long) for p in prompt_ids[start : start + batch_size]]
             comps = [torch.tensor(c, dtype=torch.long) for c in completion_ids[start : start + batch_size]]
             padded = pad_prompt_completion(prompts, comps, pad_token_id)
@@ -464,8 +192,6 @@ def reference_logps(
 
 
 def load_policy_and_tokenizer(settings: PresampleSettings):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kwargs: dict[str, Any] = {"revision": settings.model_revision}
     if settings.dtype is not None:
         kwargs["dtype"] = getattr(torch, settings.dtype)
@@ -488,9 +214,6 @@ def load_policy_and_tokenizer(settings: PresampleSettings):
 
 def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dict[str, Any]:
     """Run the presample stage; returns the manifest written to ``settings.out_dir``."""
-    from fdpo.data.loading import check_columns, load_any_dataset
-    from fdpo.rewards import get_reward_function
-
     t0 = time.time()
     dataset = load_any_dataset(
         settings.dataset_name,
@@ -621,17 +344,12 @@ def presample(settings: PresampleSettings, *, model=None, tokenizer=None) -> dic
     return read_manifest(out)
 
 
-def presample_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`fdpo presample RECIPE --key value ...`: resolve the settings, then :func:`presample`.
-
-    The recipe's `cpu_threads` (as in `fdpo train`) sets torch's threads for the sampling on a CPU.
-    """
-    from fdpo.cpu_threads import torch_threads
-    from fdpo.recipe.load import read_yaml
-
-    settings = resolve_presample_settings(path, overrides)
-    threads = {**read_yaml(Path(path)), **(overrides or {})}.get("cpu_threads")
-    with torch_threads(threads):
+def run_presample(recipe: Any) -> dict[str, Any]:
+    """`fdpo presample` on a LOADED recipe (fdpo.recipe's `load_presample_recipe`): resolve the settings,
+    then :func:`presample`; the recipe's `cpu_threads` (as in `fdpo train`) sets torch's threads for the
+    sampling on a CPU."""
+    settings = resolve_presample_settings(recipe)
+    with torch_threads(recipe.recipe_args.cpu_threads):
         return presample(settings)
 
 
@@ -641,10 +359,11 @@ __all__ = [
     "cut_at_eos",
     "eos_token_ids",
     "generation_config",
+    "group_identical_rows",
     "presample",
-    "presample_recipe",
     "reference_logps",
     "resolve_presample_settings",
+    "run_presample",
     "sample",
     "score",
     "tokenize_prompts",

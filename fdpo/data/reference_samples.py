@@ -6,12 +6,14 @@ They are generated before training and written beside the run as JSONL (one row 
 records everything the samples depend on:
 
 - the sampling settings (K, temperature, top-p, max_new_tokens, seed),
-- a fingerprint of the tokenizer (its full serialisation, chat template and special tokens),
-- a fingerprint of the reference weights (sha256 over the state dict, adapter weights excluded),
+- the fingerprint of the tokenizer (vocabulary, tokenizer model, chat template, special tokens) and of
+  the reference weights (sha256 over the state dict, adapter weights excluded): the sample store's
+  (fdpo/data/sample_store.py), the same that DPH-RL's rehearsal store records,
 - a fingerprint of the ordered distinct prompts,
 - the sha256 of the JSONL file itself.
 
-On load every field is compared with the current run: any difference (other settings, another
+They are drawn with fdpo's one sampler (fdpo/data/sampler.py). On load every field is compared with
+the current run (the store's `fingerprint_differences`): any difference (other settings, another
 tokenizer or reference, other prompts, an edited or truncated file) is a :class:`StaleSampleCacheError`
 naming the fields, unless ``regenerate=True``, which overwrites the cache. The sidecar is written
 last, atomically, so a run killed while sampling leaves a cache without sidecar, which is
@@ -29,15 +31,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fdpo.errors import RecipeError
+from fdpo.data import sampler
+from fdpo.data.sample_store import (
+    StaleSamplesError,
+    fingerprint_differences,
+    model_fingerprint,
+    sha256_file,
+    tokenizer_fingerprint,
+    write_text_atomic,
+)
 
 logger = logging.getLogger("fdpo")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the sample store's tokenizer fingerprint (a mapping of named fields)
 
-
-class StaleSampleCacheError(RecipeError):
-    """A reference-sample cache exists but was made for other settings, tokenizer, reference or prompts."""
+#: a cache exists but was made for other settings, tokenizer, reference or prompts: the sample
+#: store's one error (fdpo/data/sample_store.py), under the name this cache has always raised
+StaleSampleCacheError = StaleSamplesError
 
 
 @dataclass(frozen=True)
@@ -76,42 +86,6 @@ def _sha(parts: Sequence[str | bytes]) -> str:
     return h.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's serialisation (vocab, merges, normaliser...), chat template and special tokens."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    # a slow tokenizer has no serialisation: its vocabulary then
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    template = (
-        tokenizer.chat_template
-        if isinstance(tokenizer.chat_template, str)
-        else json.dumps(tokenizer.chat_template, sort_keys=True)
-    )
-    special = json.dumps({k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}, sort_keys=True)
-    return _sha([body, template or "", special, type(tokenizer).__name__])
-
-
-def model_fingerprint(model) -> str:
-    """sha256 over the sorted state dict (names, dtypes, bytes); PEFT adapter weights are excluded and PEFT's
-    renaming undone, so the base model hashes the same with or without a LoRA adapter (the reference is the base)."""
-    import torch
-
-    h = hashlib.sha256()
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if "lora_" in name or ".modules_to_save." in name:
-            continue
-        # the same weights under PEFT wrapping: base_model.model.<name>, <module>.base_layer.weight
-        state[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = tensor
-    for name, tensor in sorted(state.items()):
-        t = tensor.detach().cpu()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        if t.dtype in (torch.bfloat16, torch.float16):
-            t = t.to(torch.float32)
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def prompts_fingerprint(keys: Sequence[str]) -> str:
     return _sha(list(keys))
 
@@ -120,11 +94,7 @@ def meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".meta.json")
 
 
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _expected_meta(settings: SamplingSettings, tok_fp: str, ref_fp: str, prompts_fp: str) -> dict[str, Any]:
+def _expected_meta(settings: SamplingSettings, tok_fp: dict[str, Any], ref_fp: str, prompts_fp: str) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "sampling": asdict(settings),
@@ -135,18 +105,11 @@ def _expected_meta(settings: SamplingSettings, tok_fp: str, ref_fp: str, prompts
 
 
 def _differences(recorded: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    out = []
-    for key, value in expected.items():
-        if key == "sampling":
-            rec = recorded.get("sampling", {})
-            out += [
-                f"sampling.{k}: cache {rec.get(k)!r} vs run {v!r}"
-                for k, v in value.items()
-                if rec.get(k) != v
-            ]
-        elif recorded.get(key) != value:
-            out.append(f"{key}: cache {str(recorded.get(key))[:16]} vs run {str(value)[:16]}")
-    return out
+    return [
+        f"{name}: cache {str(stored)[:16]!s} vs run {str(now)[:16]!s}" if name.endswith("_fingerprint")
+        else f"{name}: cache {stored!r} vs run {now!r}"
+        for name, stored, now in fingerprint_differences({k: recorded.get(k) for k in expected}, expected)
+    ]
 
 
 def read_reference_samples(path: Path) -> dict[str, list[str]]:
@@ -177,8 +140,6 @@ def load_or_generate_reference_samples(
     Raises StaleSampleCacheError when a complete cache at `path` does not match (see the module docstring)
     and `regenerate` is False; RuntimeError when sampling is needed but `allow_generate` is False.
     """
-    from fdpo.eval.sampling import sample_completions
-
     path = Path(path)
     keys: list[str] = []
     distinct: list[Any] = []
@@ -196,7 +157,7 @@ def load_or_generate_reference_samples(
     if path.is_file() and mpath.is_file() and not regenerate:
         recorded = json.loads(mpath.read_text())
         diffs = _differences(recorded, expected)
-        if recorded.get("file_sha256") != _file_sha(path):
+        if recorded.get("file_sha256") != sha256_file(path):
             diffs.append("file_sha256: the sample file was modified or truncated after it was written")
         if diffs:
             raise StaleSampleCacheError(
@@ -214,7 +175,7 @@ def load_or_generate_reference_samples(
             "started), so the samples cannot be drawn now. Pass this dataset at trainer construction instead."
         )
     start = time.time()
-    drawn = sample_completions(
+    drawn = sampler.sample_completions(
         model,
         tokenizer,
         distinct,
@@ -239,16 +200,14 @@ def load_or_generate_reference_samples(
     tmp.replace(path)
     meta = {
         **expected,
-        "file_sha256": _file_sha(path),
+        "file_sha256": sha256_file(path),
         "num_prompts": len(distinct),
         "unfinished_samples": unfinished,
         "reference_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", ""),
         "seconds": round(time.time() - start, 2),
         "created_unix": time.time(),
     }
-    mtmp = mpath.with_name(mpath.name + ".tmp")
-    mtmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    mtmp.replace(mpath)
+    write_text_atomic(mpath, json.dumps(meta, indent=2, sort_keys=True))
     total = len(distinct) * settings.num_samples
     if unfinished:
         logger.warning(

@@ -29,12 +29,10 @@ right-padded, ``logits_to_keep`` = completion width), in a deterministic, resuma
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +41,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fdpo.data.sample_store import (
+    StaleSamplesError,
+    fingerprint_differences,
+    load_tensors_checked,
+    sha256_file,
+    short_repr,
+    tokenizer_fingerprint,
+    write_store_dir,
+)
+from fdpo.data.sampler import pad_prompt_completion
 from fdpo.errors import RecipeError
+
+logger = logging.getLogger("fdpo")
 
 FORMAT = "fdpo-dph-rehearsal"
 FORMAT_VERSION = 1
@@ -61,103 +71,16 @@ SOFT_GENERATION_KEYS = ("top_p", "top_k", "min_p", "repetition_penalty", "max_co
 #: file a trainer may write into each checkpoint with `RehearsalBuffer.save_state`
 STATE_FILE = "rehearsal_state.json"
 
+#: the stored samples do not belong to this training run (tokenizer/template/temperature): the sample
+#: store's one error (fdpo/data/sample_store.py), under the name this store has always raised
+RehearsalMismatchError = StaleSamplesError
 
-class RehearsalMismatchError(RecipeError):
-    """The stored rehearsal samples do not belong to this training run (tokenizer/template/temperature)."""
+_RERUN = "rerun `fdpo presample`"
 
 
 def dph_dir(output_dir: str | os.PathLike) -> Path:
     """The default rehearsal directory of a run: ``<output_dir>/dph``."""
     return Path(output_dir) / DEFAULT_SUBDIR
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_json(obj: Any) -> str:
-    return sha256_bytes(json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer fingerprint
-# ---------------------------------------------------------------------------------------------
-
-
-def tokenizer_fingerprint(
-    tokenizer, *, chat_template: str | None = None, chat_template_kwargs: dict | None = None
-) -> dict[str, Any]:
-    """What must be equal for stored token ids and log-probs to mean the same thing in training.
-
-    - ``vocab_sha256`` (and ``vocab_size``): token ↔ id map;
-    - ``tokenizer_model_sha256``: the fast tokenizer's model (merges), normaliser, pre-tokenizer and
-      added tokens (absent for slow tokenizers);
-    - ``chat_template_sha256``: the template used to render prompts (``chat_template`` if given, as
-      TRL's GRPOTrainer may override it, else the tokenizer's), plus ``chat_template_kwargs``;
-    - ``special_tokens``: bos/eos/pad/unk tokens and ids, and every special token with its id.
-    """
-    vocab = tokenizer.get_vocab()
-    out: dict[str, Any] = {
-        "vocab_size": len(vocab),
-        "vocab_sha256": _sha256_json(sorted(vocab.items(), key=lambda kv: (kv[1], kv[0]))),
-    }
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        out["tokenizer_model_sha256"] = _sha256_json(
-            {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer", "added_tokens")}
-        )
-    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-    out["chat_template_sha256"] = None if template is None else _sha256_json(template)
-    out["chat_template_kwargs"] = dict(chat_template_kwargs or {})
-    special = {}
-    for name in ("bos", "eos", "pad", "unk"):
-        special[f"{name}_token"] = getattr(tokenizer, f"{name}_token", None)
-        special[f"{name}_token_id"] = getattr(tokenizer, f"{name}_token_id", None)
-    special["all"] = sorted(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
-    out["special_tokens"] = json.loads(json.dumps(special))  # tuples → lists, as after a JSON round trip
-    return out
-
-
-def _fingerprint_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    diffs = []
-    for key in sorted(set(stored) | set(current)):
-        if key == "tokenizer_model_sha256" and (key not in stored or key not in current):
-            continue  # slow tokenizer on one side: the vocab hash still guards the ids
-        if key == "special_tokens":
-            a, b = stored.get(key, {}), current.get(key, {})
-            for sub in sorted(set(a) | set(b)):
-                if a.get(sub) != b.get(sub):
-                    diffs.append((f"tokenizer.special_tokens.{sub}", a.get(sub), b.get(sub)))
-        elif stored.get(key) != current.get(key):
-            diffs.append((f"tokenizer.{key}", stored.get(key), current.get(key)))
-    return diffs
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic directory write / read
-# ---------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_rehearsal_dir(
@@ -166,50 +89,18 @@ def write_rehearsal_dir(
     tensors: dict[str, Tensor],
     extra_files: dict[str, Callable[[Path], None]],
 ) -> Path:
-    """Write the store atomically: everything goes to a hidden sibling temp directory, each file is
-    fsynced, the manifest (with every file's sha256) is written last, then the directory is renamed
-    into place (replacing an older store). A crash leaves the old store or none, never a half one.
-
-    ``extra_files``: {file name: writer(path)} (e.g. the D_exp/D_pef JSONL files).
-    """
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            str(tmp / SAMPLES),
-            metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
-        )
-        for name, writer in extra_files.items():
-            writer(tmp / name)
-        files = {}
-        for path in sorted(tmp.iterdir()):
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        manifest = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION, "files": files}
-        with open(tmp / MANIFEST, "w") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=True, ensure_ascii=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    """Write the store atomically (fdpo/data/sample_store.py's `write_store_dir`): the tensors, the
+    ``extra_files`` ({file name: writer(path)}, e.g. the D_exp/D_pef JSONL files), then the manifest
+    with every file's sha256. A crash leaves the old store or none, never a half one."""
+    return write_store_dir(
+        out_dir,
+        {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION},
+        tensors,
+        extra_files,
+        tensors_file=SAMPLES,
+        manifest_file=MANIFEST,
+        metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
+    )
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -225,31 +116,21 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
-        raise RecipeError(f"{manifest_path}: not valid JSON ({exc}); rerun `fdpo presample`.") from exc
+        raise RecipeError(f"{manifest_path}: not valid JSON ({exc}); {_RERUN}.") from exc
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise RecipeError(
             f"{manifest_path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
-            f"expected {FORMAT!r} version {FORMAT_VERSION}; rerun `fdpo presample` with this fdpo."
+            f"expected {FORMAT!r} version {FORMAT_VERSION}; {_RERUN} with this fdpo."
         )
     return manifest
 
 
 def load_rehearsal_tensors(directory: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict[str, Tensor]]:
     """(manifest, tensors) of a store; with ``verify`` the tensor file's sha256 is checked."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     manifest = read_manifest(directory)
-    path = directory / SAMPLES
-    expected = manifest["files"].get(SAMPLES, {})
-    if not path.is_file():
-        raise RecipeError(f"{path}: missing; the rehearsal store is incomplete, rerun `fdpo presample`.")
-    if verify and sha256_file(path) != expected.get("sha256"):
-        raise RehearsalMismatchError(
-            f"{path}: sha256 differs from the one in {directory / MANIFEST} (file changed or corrupt); "
-            "rerun `fdpo presample`."
-        )
-    return manifest, load_file(str(path))
+    expected = manifest["files"].get(SAMPLES, {}).get("sha256")
+    return manifest, load_tensors_checked(directory / SAMPLES, expected, verify=verify, fix=_RERUN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,45 +165,6 @@ class RehearsalBatch:
             logits_to_keep=self.logits_to_keep,
             indices=self.indices.to(device),
         )
-
-
-def pad_prompt_completion(
-    prompts: list[Tensor],
-    completions: list[Tensor],
-    pad_token_id: int,
-    *,
-    extras: dict[str, tuple[list[Tensor], float]] | None = None,
-    pad_to_multiple_of: int | None = None,
-) -> dict[str, Tensor]:
-    """Left-pad prompts, right-pad completions (TRL's layout); ``extras`` are completion-aligned
-    tensors padded on the right with their given value. Returns input_ids, attention_mask,
-    prompt_width, completion_width and the padded extras."""
-    from trl.trainer.utils import pad
-
-    prompt_ids = pad(prompts, padding_value=pad_token_id, padding_side="left", pad_to_multiple_of=pad_to_multiple_of)
-    prompt_mask = pad(
-        [torch.ones_like(p, dtype=torch.long) for p in prompts],
-        padding_value=0,
-        padding_side="left",
-        pad_to_multiple_of=pad_to_multiple_of,
-    )
-    completion_ids = pad(
-        completions, padding_value=pad_token_id, padding_side="right", pad_to_multiple_of=pad_to_multiple_of
-    )
-    completion_attn = pad(
-        [torch.ones_like(c, dtype=torch.long) for c in completions],
-        padding_value=0,
-        padding_side="right",
-        pad_to_multiple_of=pad_to_multiple_of,
-    )
-    out = {
-        "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
-        "attention_mask": torch.cat([prompt_mask, completion_attn], dim=1),
-        "completion_width": completion_ids.size(1),
-    }
-    for name, (values, fill) in (extras or {}).items():
-        out[name] = pad(values, padding_value=fill, padding_side="right", pad_to_multiple_of=pad_to_multiple_of)
-    return out
 
 
 class RehearsalBuffer:
@@ -404,13 +246,11 @@ class RehearsalBuffer:
     # -- checks ------------------------------------------------------------------------------
 
     def _check(self, manifest, tokenizer, temperature, chat_template, chat_template_kwargs, generation, model):
-        import logging
-
         where = self.path / MANIFEST
         current = tokenizer_fingerprint(
             tokenizer, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs
         )
-        diffs = _fingerprint_differences(manifest.get("tokenizer", {}), current)
+        diffs = fingerprint_differences(manifest.get("tokenizer", {}), current, "tokenizer.")
         gen = manifest.get("generation", {})
         stored_t = gen.get("temperature")
         if stored_t is None or not math.isclose(float(stored_t), float(temperature), rel_tol=0, abs_tol=1e-12):
@@ -419,19 +259,18 @@ class RehearsalBuffer:
             field, stored, now = diffs[0]
             more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:])})" if len(diffs) > 1 else ""
             raise RehearsalMismatchError(
-                f"{where}: field '{field}' of the stored DPH-RL rehearsal samples is {_short(stored)}, but training "
-                f"uses {_short(now)}{more}. The stored token ids and log π_ref are only valid with the same "
-                "tokenizer, chat template and sampling temperature: rerun `fdpo presample RECIPE` with the "
+                f"{where}: field '{field}' of the stored DPH-RL rehearsal samples is {short_repr(stored)}, but "
+                f"training uses {short_repr(now)}{more}. The stored token ids and log π_ref are only valid with the "
+                "same tokenizer, chat template and sampling temperature: rerun `fdpo presample RECIPE` with the "
                 "training settings, or point the rehearsal key at a matching store."
             )
-        log = logging.getLogger("fdpo")
         for key, value in (generation or {}).items():
             if key in gen and gen[key] != value:
-                log.warning("%s: stored generation.%s = %r but training uses %r (samples were drawn with the "
-                            "stored setting)", where, key, gen[key], value)
+                logger.warning("%s: stored generation.%s = %r but training uses %r (samples were drawn with the "
+                               "stored setting)", where, key, gen[key], value)
         if model is not None and manifest.get("model_name_or_path") not in (None, str(model)):
-            log.warning("%s: samples were drawn from %r, training starts from %r; log π_ref belongs to the former",
-                        where, manifest.get("model_name_or_path"), str(model))
+            logger.warning("%s: samples were drawn from %r, training starts from %r; log π_ref belongs to the "
+                           "former", where, manifest.get("model_name_or_path"), str(model))
 
     # -- order ---------------------------------------------------------------------------------
 
@@ -539,6 +378,21 @@ class RehearsalBuffer:
         return True
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
+
+__all__ = [
+    "D_EXP",
+    "D_PEF",
+    "MANIFEST",
+    "SAMPLES",
+    "STATE_FILE",
+    "RehearsalBatch",
+    "RehearsalBuffer",
+    "RehearsalMismatchError",
+    "dph_dir",
+    "load_rehearsal_tensors",
+    "pad_prompt_completion",
+    "read_manifest",
+    "sha256_file",
+    "tokenizer_fingerprint",
+    "write_rehearsal_dir",
+]

@@ -10,13 +10,16 @@ the key, the file and the nearest valid name.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from trl import ModelConfig
 
 from fdpo.errors import RecipeError, nearest
 from fdpo.recipe.validate import check_field
@@ -80,8 +83,6 @@ class Recipe:
 
 
 def _plain(value: Any) -> Any:
-    import enum
-
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, list | tuple):
@@ -209,8 +210,6 @@ def _with_type(f: dataclasses.Field, tp: Any) -> dataclasses.Field:
 
 def all_keys(trainer: str) -> dict[str, str]:
     """Every valid recipe key for `trainer`, with its help text."""
-    from trl import ModelConfig
-
     spec = get_trainer_spec(trainer)
     out: dict[str, str] = {}
     for cls in (RecipeArguments, ModelConfig, spec.config_class()):
@@ -220,19 +219,15 @@ def all_keys(trainer: str) -> dict[str, str]:
     return out
 
 
-def _default_precision_for_this_machine(train_kw: dict[str, Any]) -> None:
+def default_precision_for_this_machine(train_kw: dict[str, Any]) -> None:
     """TRL defaults to bf16=True, which transformers refuses without a bf16 GPU. A recipe that does not
     set `bf16` runs in bf16 on a GPU and in fp32 on a CPU, so one recipe serves both."""
-    import torch
-
     if "bf16" not in train_kw and "fp16" not in train_kw and not torch.cuda.is_available():
         train_kw["bf16"] = False
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read, merge overrides into, and validate a recipe; build its config objects."""
-    from trl import ModelConfig
-
     path = Path(path)
     raw = read_yaml(path)
     raw.update(overrides or {})
@@ -252,7 +247,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     if recipe_kw.get("dataset_name") is None:
         raise RecipeError(f"{where}: missing key 'dataset_name' (a local data file/directory or hub name).")
     train_kw.setdefault("report_to", "none")
-    _default_precision_for_this_machine(train_kw)
+    default_precision_for_this_machine(train_kw)
     try:
         recipe_args = RecipeArguments(**recipe_kw)
         model_args = ModelConfig(**model_kw)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fdpo.errors import RecipeError, nearest
+
 
 @dataclass(frozen=True)
 class TrainerSpec:
@@ -92,9 +94,6 @@ TRAINERS: dict[str, TrainerSpec] = {
 
 def get_trainer_spec(name: str) -> TrainerSpec:
     if name not in TRAINERS:
-        # imported here: fdpo.recipe imports this module (importing it first would be circular)
-        from fdpo.errors import RecipeError, nearest
-
         hint = nearest(name, TRAINERS)
         extra = f" Did you mean '{hint}'?" if hint else ""
         raise RecipeError(f"unknown trainer '{name}'; valid: {sorted(TRAINERS)}.{extra}")
