@@ -15,7 +15,7 @@ One `fdpo presample` store (n samples per training prompt, D_pef = solved every 
 Each checkpoint (and the SFT start) is evaluated with `fdpo.eval.evaluate_checkpoint` on the task's held-out
 prompts: unbiased pass@1 and pass@16 from 16 samples per prompt at temperature 1, and the number of distinct
 correct answers per prompt (sum_pairs has many). The table is printed and written to <out>/compare.json.
-DPH-RL's claim (objectives.md §7): pass@k (large k) stays near the base model under mass-covering rehearsal
+DPH-RL's claim (docs/objectives.md §7): pass@k (large k) stays near the base model under mass-covering rehearsal
 while GRPO and reverse KL trade it for pass@1.
 """
 

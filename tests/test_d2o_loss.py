@@ -1,4 +1,4 @@
-"""D2O loss (fdpo.losses.d2o) against the formula of objectives.md §5 written out in float64 here."""
+"""D2O loss (fdpo.losses.d2o) against the formula of docs/objectives.md §5 written out in float64 here."""
 
 from __future__ import annotations
 

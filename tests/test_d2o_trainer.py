@@ -1,4 +1,4 @@
-"""FD2OTrainer (D2O, objectives.md §5) and its cache of reference samples.
+"""FD2OTrainer (D2O, docs/objectives.md §5) and its cache of reference samples.
 
 - The sample cache: reused when everything matches; a different sampling setting, tokenizer, reference,
   prompt set or an edited file is detected (StaleSampleCacheError naming the field); an interrupted cache

@@ -1,4 +1,4 @@
-"""DisCO loss (fdpo.losses.disco) against a plain float64 implementation written here from objectives.md §8.
+"""DisCO loss (fdpo.losses.disco) against a plain float64 implementation written here from docs/objectives.md §8.
 
 The reference below loops over questions and completions with Python lists and computes the L-ratio as
 a literal mean of probability ratios; the library uses masked log-sum-exps on (Q, G) tensors.

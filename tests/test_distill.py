@@ -1,4 +1,4 @@
-"""Distillation (objectives.md §9): student π_θ in the π slot, teacher p in the π_ref slot.
+"""Distillation (docs/objectives.md §9): student π_θ in the π slot, teacher p in the π_ref slot.
 
 - the pure loss equals float64 direct sums (value and gradient) for every registry divergence and BD-KD;
 - TRL's GKD `generalized_jsd_loss` is the oracle for generalized_jsd (TRL beta = 1 − β), forward and reverse KL;

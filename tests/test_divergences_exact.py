@@ -197,7 +197,7 @@ def _gaussians() -> tuple[MultivariateNormal, MultivariateNormal]:
 
 
 def _closed_form_kl(p: MultivariateNormal, q: MultivariateNormal) -> float:
-    """objectives.md §0: ½[tr(Σ2⁻¹Σ1) + (μ2−μ1)ᵀΣ2⁻¹(μ2−μ1) − n + log(det Σ2 / det Σ1)]."""
+    """docs/objectives.md §0: ½[tr(Σ2⁻¹Σ1) + (μ2−μ1)ᵀΣ2⁻¹(μ2−μ1) − n + log(det Σ2 / det Σ1)]."""
     s1, s2 = p.covariance_matrix, q.covariance_matrix
     d = q.loc - p.loc
     s2i = torch.linalg.inv(s2)

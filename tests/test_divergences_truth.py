@@ -1,4 +1,4 @@
-"""Independent reference formulas for the divergence tests (written from objectives.md §0 only).
+"""Independent reference formulas for the divergence tests (written from docs/objectives.md §0 only).
 
 f(u), f′(u) and f″(u) of every registered divergence, in terms of u (not ℓ), for two back ends:
 float64 torch tensors (direct summation over small categoricals) and mpmath (50 digits, for the
@@ -64,7 +64,7 @@ class MpOps:
 def generator(
     name: str, params: dict[str, float], ops: Any = TorchOps
 ) -> tuple[Callable, Callable, Callable]:
-    """(f, f′, f″) as functions of u, straight from the objectives.md table."""
+    """(f, f′, f″) as functions of u, straight from the docs/objectives.md table."""
     log, sqrt, sign, ab, c = ops.log, ops.sqrt, ops.sign, ops.abs, ops.const
     if name == "reverse_kl":
         return (lambda u: u * log(u), lambda u: log(u) + 1, lambda u: 1 / u)

@@ -1,6 +1,6 @@
 """DPH-RL rehearsal loss (fdpo/losses/dph.py) against independent truth.
 
-- value: the DPH-RL paper's per-sample forms written out here in float64 (objectives.md §7);
+- value: the DPH-RL paper's per-sample forms written out here in float64 (docs/objectives.md §7);
 - gradient: the expected gradient of the loss under exact enumeration of π_ref (one position and a
   two-token sequence over a small vocabulary) equals the autograd gradient of the exact
   D_f(π‖π_ref) = Σ_v π_ref f(π/π_ref) (times the DPH scale), summed directly in float64.
@@ -15,7 +15,7 @@ import torch
 
 from fdpo.losses.dph import rehearsal_loss, rehearsal_scale
 
-# The paper's per-sample forms (objectives.md §7 and the §0 table), direct float64 on u.
+# The paper's per-sample forms (docs/objectives.md §7 and the §0 table), direct float64 on u.
 ALPHA = 0.3
 
 
@@ -35,7 +35,7 @@ def dph_reverse(u):  # registry f̃ = u log u − (u − 1)
     return u * torch.log(u) - u + 1.0
 
 
-# The exact divergences' generators (objectives.md §0 table), for D_f = Σ q f(p/q).
+# The exact divergences' generators (docs/objectives.md §0 table), for D_f = Σ q f(p/q).
 EXACT = {
     "forward_kl": (lambda u: -torch.log(u), 1.0),
     "js": (lambda u: 0.5 * (u * torch.log(u) - (1 + u) * torch.log((1 + u) / 2)), 2.0),
@@ -96,7 +96,7 @@ def test_registry_convention_and_num_tokens():
 
 
 def test_no_clamp_large_ratio_is_exact_and_finite_in_bf16():
-    """verl clamps the forward term at 10; fdpo does not (objectives.md §7)."""
+    """verl clamps the forward term at 10; fdpo does not (docs/objectives.md §7)."""
     ref = torch.tensor([[-30.0, -3.0]], dtype=torch.float64)
     pol = torch.tensor([[-1.0, -60.0]], dtype=torch.float64)  # ℓ = +29 and −57
     mask = torch.ones(1, 2)

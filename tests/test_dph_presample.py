@@ -1,4 +1,4 @@
-"""`fdpo presample` and `RehearsalBuffer` (DPH-RL, objectives.md §7) on the tiny SFT model.
+"""`fdpo presample` and `RehearsalBuffer` (DPH-RL, docs/objectives.md §7) on the tiny SFT model.
 
 Independent truths: the sum_pairs checker applied by the test itself to every sampled completion
 (recorded through a spy reward), the split recomputed from those verdicts, log π_ref recomputed in

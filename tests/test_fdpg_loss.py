@@ -3,7 +3,7 @@
 Truth: π = softmax(θ) over 6 outcomes, a target P (unnormalised) and a proposal q with rational
 probabilities c_x/N. Repeating outcome x c_x times makes the batch mean EXACTLY the expectation
 under q, so autograd of the loss on that batch is the expected f-DPG gradient, which must equal the
-autograd gradient of D_f(π‖p) = Σ_x p(x) f(π(x)/p(x)) with f written here in u-space (objectives.md §0).
+autograd gradient of D_f(π‖p) = Σ_x p(x) f(π(x)/p(x)) with f written here in u-space (docs/objectives.md §0).
 """
 
 from __future__ import annotations

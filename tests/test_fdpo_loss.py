@@ -4,7 +4,7 @@
   TRL has (reverse_kl, forward_kl, js_divergence, alpha_divergence with a = 1 − α) × sigmoid/hinge/ipo/robust;
   loss values and gradients.
 - Every f-DPO-valid divergence against float64 formulas written out here (f′ in u-space, from the table in
-  objectives.md §0; the f-DPO scores in ℓ-space from §3), never a number the code produced.
+  docs/objectives.md §0; the f-DPO scores in ℓ-space from §3), never a number the code produced.
 - Stability for sequence log-ratios down to −1000 and up to +1000 in fp32 and bf16.
 - pearson_chi2 / total_variation rejected at config time, with the reason.
 """
@@ -34,7 +34,7 @@ LOSS_METRICS = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Independent f′(u) (objectives.md §0 table), float64, evaluated from u = e^ℓ. `scale` is the f-DPO paper's
+# Independent f′(u) (docs/objectives.md §0 table), float64, evaluated from u = e^ℓ. `scale` is the f-DPO paper's
 # generator scale (§3: the JS score is log σ(ℓ_w) − log σ(ℓ_l), i.e. 2× the table's ½ log(2u/(1+u))).
 
 
@@ -71,7 +71,7 @@ EXPONENTIAL_TAIL = [
     "neyman_chi2",
 ]
 
-# TRL 1.16's names: `f_divergence_type` and `f_alpha_divergence_coef` a = 1 − α (objectives.md §0 note).
+# TRL 1.16's names: `f_divergence_type` and `f_alpha_divergence_coef` a = 1 − α (docs/objectives.md §0 note).
 TRL_CASES = {
     "reverse_kl": ("reverse_kl", {}, "reverse_kl", 0.5),
     "forward_kl": ("forward_kl", {}, "forward_kl", 0.5),

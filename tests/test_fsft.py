@@ -1,4 +1,4 @@
-"""f-regularised SFT (objectives.md §2): NLL + γ·D_f(π‖π_ref) per completion token.
+"""f-regularised SFT (docs/objectives.md §2): NLL + γ·D_f(π‖π_ref) per completion token.
 
 - the pure loss: value and gradient against float64 direct sums over the vocabulary, for every registry entry;
 - γ = 0 is exactly TRL's SFTTrainer loss and gradient on the same batch (TRL as oracle); γ > 0 with the

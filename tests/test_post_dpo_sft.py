@@ -1,4 +1,4 @@
-"""Post-DPO SFT (objectives.md §2): the DPO checkpoint is both the policy and the reference at step 0, the
+"""Post-DPO SFT (docs/objectives.md §2): the DPO checkpoint is both the policy and the reference at step 0, the
 learning rate is scaled by `lr_scale`, and a pipeline stage can name the DPO stage's output for both."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`fdpo presample RECIPE`: DPH-RL's pre-sampling stage (objectives.md §7, steps 1–2).
+"""`fdpo presample RECIPE`: DPH-RL's pre-sampling stage (docs/objectives.md §7, steps 1–2).
 
 For every training prompt of the recipe (``dataset_name``, its ``prompt`` column), draw
 ``presample_n`` completions from the initial policy (``model_name_or_path``) with ``model.generate``

@@ -1,6 +1,6 @@
 """Completions sampled once from a frozen reference, cached on disk with what they depend on.
 
-D2O (objectives.md §5) trains on K samples per prompt drawn ONCE from the frozen reference π_ref.
+D2O (docs/objectives.md §5) trains on K samples per prompt drawn ONCE from the frozen reference π_ref.
 They are generated before training and written beside the run as JSONL (one row per distinct prompt:
 ``{"prompt": ..., "samples": [K texts], "finished": [K bools]}``) plus a ``.meta.json`` sidecar that
 records everything the samples depend on:

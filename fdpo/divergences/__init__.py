@@ -1,6 +1,6 @@
 """The divergence registry: every f-divergence D_f(π ‖ π_ref) = Σ_v π_ref(v) f(π(v)/π_ref(v)).
 
-Conventions (binding): ``reference/objectives.md`` §0–§1. π is the trained policy (or student),
+Conventions: ``docs/objectives.md`` §0–§1. π is the trained policy (or student),
 π_ref the reference (or teacher), ℓ = log π − log π_ref, u = e^ℓ; α follows the f-DPO paper.
 
 - :func:`get_divergence` / :func:`available_divergences`: the registry (``entries.py``, one class

@@ -7,7 +7,7 @@ float16 or float64) and returns a tensor of the same shape and dtype:
 method                   value                       used by
 =======================  ==========================  ==============================================
 ``f(ℓ)``                 f(u), u = e^ℓ               reference-sample (DPH-RL) losses, tests
-``f_prime(ℓ)``           f′(u)                       f-DPO (objectives.md §3)
+``f_prime(ℓ)``           f′(u)                       f-DPO (docs/objectives.md §3)
 ``f_over_u(ℓ)``          f(u)/u                      policy-sample generator estimator E_π[f(u)/u]
 ``u_f_prime(ℓ)``         u f′(u) = d f(e^ℓ)/dℓ
 ``f_normalized(ℓ)``      f(u) − f′(1)(u − 1) ≥ 0     same divergence, lower-variance sample losses
@@ -94,14 +94,14 @@ class Divergence(ABC):
     - ``canonical``: the one name logged everywhere; ``aliases``: other accepted names.
     - ``formula`` / ``f_prime_formula``: one-line f(u) and f′(u); ``equals``: what D_f(π‖π_ref) is.
     - ``f_dpo_valid``: f′ strictly increasing (invertible) and f′(u) → −∞ as u → 0 (0 ∉ dom f′),
-      the f-DPO condition (objectives.md §3).
+      the f-DPO condition (docs/objectives.md §3).
     - ``mass_covering``: NOT mode-seeking. A divergence is mode-seeking when it is zero-forcing,
       f*(0) = lim_{u→∞} f(u)/u = ∞ (π pays without bound for mass where π_ref has none, so it
       hides inside one mode), unless it is also zero-avoiding, f(0⁺) = ∞ (π pays without bound
       for dropping π_ref's mass). Hence reverse KL and Pearson χ² are the mode-seeking entries
       (the tests check each flag against the two limits).
     - ``source``: where the formula comes from.
-    - ``fdpo_score_scale``: the factor c_f by which the f-DPO score (objectives.md §3) multiplies
+    - ``fdpo_score_scale``: the factor c_f by which the f-DPO score (docs/objectives.md §3) multiplies
       this entry's f′: s(ℓ) = c_f (f′(e^ℓ) − f′(1)). 1.0 (the registry's f′) except where the
       f-DPO paper writes the generator at another scale than the registry: ``js`` has 2.0,
       because §3's JS score β(log σ(ℓ_w) − log σ(ℓ_l)) is twice the registry's ½-JS f′
@@ -115,7 +115,7 @@ class Divergence(ABC):
     equals: ClassVar[str]
     f_dpo_valid: ClassVar[bool]
     mass_covering: ClassVar[bool]
-    source: ClassVar[str] = "objectives.md §0"
+    source: ClassVar[str] = "docs/objectives.md §0"
     fdpo_score_scale: ClassVar[float] = 1.0
     notes: ClassVar[str] = ""
 

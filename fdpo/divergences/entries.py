@@ -1,4 +1,4 @@
-"""The registered f-divergences: one small class per entry (objectives.md §0 table).
+"""The registered f-divergences: one small class per entry (docs/objectives.md §0 table).
 
 D_f(π ‖ π_ref) = Σ_v π_ref(v) f(u(v)), u = π/π_ref = e^ℓ. Each class gives f and f′ in log space
 (plus the overflow-free forms f/u and u·f′, and closed forms of the per-token full-vocabulary terms
@@ -263,7 +263,7 @@ class Alpha(Divergence):
     alpha: float = field(
         metadata={
             "range": (0.0, 1.0),
-            "help": "f-DPO convention (objectives.md §0): α → 0 is reverse KL, α → 1 forward KL; "
+            "help": "f-DPO convention (docs/objectives.md §0): α → 0 is reverse KL, α → 1 forward KL; "
             "TRL's f_alpha_divergence_coef a corresponds to alpha = 1 − a.",
         }
     )
@@ -275,7 +275,7 @@ class Alpha(Divergence):
     equals = "α-divergence (α→0: KL(π‖π_ref), α→1: KL(π_ref‖π))"
     f_dpo_valid = True
     mass_covering = True
-    source = "objectives.md §0; f-DPO (Wang et al., ICLR 2024)"
+    source = "docs/objectives.md §0; f-DPO (Wang et al., ICLR 2024)"
 
     @classmethod
     def from_trl_coef(cls, f_alpha_divergence_coef: float) -> Alpha:

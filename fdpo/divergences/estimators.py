@@ -1,4 +1,4 @@
-"""Per-token sample estimators of D_f(π ‖ π_ref) (objectives.md §1.2 and §1.3).
+"""Per-token sample estimators of D_f(π ‖ π_ref) (docs/objectives.md §1.2 and §1.3).
 
 All functions take per-token log-probabilities of the SAMPLED tokens (any shape, the same for every
 argument): ``logp`` = log π(a) carrying the gradient, ``ref_logp`` = log π_ref(a) (stored or from
@@ -72,7 +72,7 @@ def ref_sample_generator_loss(
     expectation (E_{π_ref}[u − 1] = 0 when π_ref covers π's support) and the same expected gradient
     (∇Σ_a π(a) = 0) with lower variance; for forward KL it is DPH-RL's u − log u − 1, for JS (whose
     f′(1) = 0) DPH-RL's u log u − (u+1) log((u+1)/2) is 2× this f. No clamp on the value beyond
-    the representable range (objectives.md §7: clamping the forward term biases it).
+    the representable range (docs/objectives.md §7: clamping the forward term biases it).
     """
     div = resolve_divergence(divergence)
     logr = _log_ratio(logp, ref_logp)

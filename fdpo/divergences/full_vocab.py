@@ -1,4 +1,4 @@
-"""Exact full-vocabulary divergence per position, in chunks of positions (objectives.md §1.1).
+"""Exact full-vocabulary divergence per position, in chunks of positions (docs/objectives.md §1.1).
 
     D_f(p ‖ q)[b, t] = Σ_v q_v f(p_v / q_v),   p = softmax(z/T), q = softmax(z_ref/T)
 

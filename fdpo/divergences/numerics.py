@@ -1,7 +1,7 @@
 """Numerical building blocks shared by every divergence: accurate series near ℓ = 0, the
 per-dtype safe range of ℓ, and the counter of saturation (clamp) events.
 
-Conventions (binding, see ``reference/objectives.md`` §0): every generator is evaluated from the
+Conventions (see ``docs/objectives.md`` §0): every generator is evaluated from the
 log-ratio ℓ = log π − log π_ref, never from u = e^ℓ directly.
 
 Saturation policy

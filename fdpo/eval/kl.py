@@ -5,7 +5,7 @@ For completions y ~ π of prompts x (the evaluation samples), the value is
     KL_tok = (1/N) Σ_{(x,y)} Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)),    N = Σ_{(x,y)} |y|,
 
 each position's KL exact over the full vocabulary (fdpo's chunked `full_vocab_divergence` with
-`reverse_kl`, D_f(π‖π_ref) = Σ_v π_ref f(π/π_ref), f(u) = u log u; objectives.md §0-1), the prefixes
+`reverse_kl`, D_f(π‖π_ref) = Σ_v π_ref f(π/π_ref), f(u) = u log u; docs/objectives.md §0-1), the prefixes
 sampled from π. Its expectation is the sequence-level KL(π ‖ π_ref) per generated token.
 The pipeline reports it as `kl_to_<stage>` (e.g. the KL of every later checkpoint to the SFT model).
 """

@@ -1,7 +1,7 @@
 """χ² occupancy-measure penalty of Correlated Proxies (ICLR 2025).
 
 Source: Laidlaw, Singhal, Dragan, "Correlated Proxies: A New Definition and Improved Mitigation for
-Reward Hacking", ICLR 2025; for LLMs as in its released code; conventions: `objectives.md` §6.
+Reward Hacking", ICLR 2025; for LLMs as in its released code; conventions: `docs/objectives.md` §6.
 
 On rollouts, with the sequence log-ratio L = Σ_t (log π(o_t) − log π_ref(o_t)) of each completion and
 R = e^L,

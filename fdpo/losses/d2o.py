@@ -1,7 +1,7 @@
 """D2O: distributional dispreference optimisation, training on negatives only (Findings of EMNLP 2024).
 
 Source: Duan et al., "Negating Negatives: Alignment with Human Negative Samples via Distributional
-Dispreference Optimization", Findings of EMNLP 2024; conventions: `objectives.md` §5 (binding).
+Dispreference Optimization", Findings of EMNLP 2024; conventions: `docs/objectives.md` §5.
 
 For prompt x with a human-dispreferred completion y_l and K completions y_1..y_K sampled ONCE from
 the frozen reference, with sequence log-ratios ℓ(y) = log π(y|x) − log π_ref(y|x) (summed over the

@@ -1,7 +1,7 @@
 """DisCO: discriminative constrained optimisation for reasoning models (NeurIPS 2025).
 
 Source: Li et al., "DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained
-Optimization", NeurIPS 2025; conventions: `objectives.md` §8 (binding).
+Optimization", NeurIPS 2025; conventions: `docs/objectives.md` §8.
 
 Rows of the batch are consecutive groups of G = `group_size` completions of the same question (TRL's
 GRPO ordering). For completion o with tokens o_1..o_n (mask m_t) the length-normalised score is

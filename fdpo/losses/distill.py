@@ -1,7 +1,7 @@
-"""Knowledge distillation with a selectable divergence between student and teacher (objectives.md §9).
+"""Knowledge distillation with a selectable divergence between student and teacher (docs/objectives.md §9).
 
 Per completion position t, with the student π_θ in the π slot and the teacher p in the π_ref slot of the
-fdpo convention (objectives.md §0), over the full vocabulary (in chunks, `full_vocab_divergence`):
+fdpo convention (docs/objectives.md §0), over the full vocabulary (in chunks, `full_vocab_divergence`):
 
     D_t = D_f(π_θ(·|ctx_t) ‖ p(·|ctx_t)) = Σ_v p(v) f(π_θ(v)/p(v)),      L = (1/N) Σ_t D_t
 

@@ -1,13 +1,13 @@
 """DPH-RL rehearsal loss: η · token-mean f(u) on stored samples of the reference policy.
 
-Source: "The Choice of Divergence" (DPH-RL, ICLR 2026); conventions: objectives.md §0, §1.2, §7
-(binding). Before RL, `fdpo presample` draws completions y ~ π_ref (the initial policy, at the
+Source: "The Choice of Divergence" (DPH-RL, ICLR 2026); conventions: docs/objectives.md §0, §1.2, §7.
+Before RL, `fdpo presample` draws completions y ~ π_ref (the initial policy, at the
 training temperature) for the prompts it already solves (D_pef) and stores log π_ref(y_t | x, y_<t)
 per token. During RL, with ℓ_t = log π(y_t|·) − stored log π_ref(y_t|·) and u_t = e^{ℓ_t}:
 
     L_rehearsal = Σ_{t ∈ mask} s_f · f̃(u_t) / Σ_{t ∈ mask} 1,      f̃(u) = f(u) − f′(1)(u − 1).
 
-Why this is the divergence (objectives.md §1.2): the tokens are drawn from π_ref and do not depend
+Why this is the divergence (docs/objectives.md §1.2): the tokens are drawn from π_ref and do not depend
 on θ, so E_{y_t∼π_ref}[f(u_t)] = Σ_v π_ref(v) f(π(v)/π_ref(v)) = D_f(π‖π_ref)(· | prefix) and
 E[∇f(u_t)] = ∇D_f exactly. The tangent term −f′(1)(u − 1) has expectation Σ_v π_ref(u − 1) =
 Σ_v π − 1 = 0 and expected gradient ∇Σ_v π(v) = 0, so f̃ estimates the same divergence with the
@@ -18,7 +18,7 @@ The per-sample values actually optimised (DPH-RL's released forms, `convention="
     forward_kl   f̃ = u − log u − 1                      (registry f = −log u, f′(1) = −1)
     js           2 f̃ = u log u − (u + 1) log((u + 1)/2)  (= 2·JS in expectation; registry f is ½[…],
                                                           f′(1) = 0, so s_js = 2 as in f-DPO)
-    alpha        f̃ = f = (u^{1−α} − (1−α)u − α)/(α(α−1)) (f′(1) = 0; α as in objectives.md, = 1 − TRL's a)
+    alpha        f̃ = f = (u^{1−α} − (1−α)u − α)/(α(α−1)) (f′(1) = 0; α as in docs/objectives.md, = 1 − TRL's a)
     any other    f̃ = f − f′(1)(u − 1) of the registry    (reverse_kl: u log u − u + 1, ...)
 
 so the paper's η (0.01–0.05 forward, 0.05–0.2 JS) carries over unchanged. `convention="registry"`
@@ -26,7 +26,7 @@ uses the registry's f itself (s_f = 1, no tangent term): the same expected value
 D_f(π‖π_ref), with higher per-sample variance (for forward KL, −log u alone).
 
 Numerics: ℓ is formed in ≥ fp32 (bf16 inputs upcast), f̃ is the registry's log-space form (exact
-wherever it is representable). The value is NOT clamped (objectives.md §7: clamping the forward
+wherever it is representable). The value is NOT clamped (docs/objectives.md §7: clamping the forward
 term, as verl does at 10, biases it low); only beyond the fp32-representable range (ℓ ≳ 85 for
 forward KL) does the registry saturate, counted by `fdpo.divergences.saturation_counts`.
 """

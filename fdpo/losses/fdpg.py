@@ -1,7 +1,7 @@
 """f-DPG: f-divergence distributional policy gradients (ICML 2023).
 
 Source: Go, Korbak, Kruszewski, Rozen, Ryu, Dymetman, "Aligning Language Models with Preferences
-through f-divergence Minimization", ICML 2023; conventions: `objectives.md` §0 and §9 (binding).
+through f-divergence Minimization", ICML 2023; conventions: `docs/objectives.md` §0 and §9.
 
 Target: an unnormalised score P(x) = a(x)·b(x) (GDC: a the base model, b a binary or graded
 constraint) or P(x) = a(x)·exp(r(x)/β) (RLHF's optimal policy), passed as log P; p = P/Z. The policy
@@ -21,7 +21,7 @@ reverse KL gives RL with a KL penalty (R = log p − log π − 1), forward KL g
 Z is a running importance-sampling estimate log Z = log mean_{all seen x} P(x)/q(x) and B a
 moving average of the importance-weighted pseudo-reward mean_i[(π/q) R] (an estimate of E_π[R]):
 both kept by :class:`FDPGState` (update Z with the batch before the loss, B after it, so that the
-baseline never depends on the samples it multiplies). objectives.md §9 fixes only "a moving-average
+baseline never depends on the samples it multiplies). docs/objectives.md §9 fixes only "a moving-average
 baseline"; what it averages is fdpo's choice (E_π[R] is the natural constant baseline), and any
 constant B leaves the expected gradient unchanged (the tests check this exactly).
 
@@ -72,7 +72,7 @@ def fdpg_loss(
         policy_logps: (N,) log π(x_i), summed over each sequence's tokens (carries the gradient).
         proposal_logps: (N,) log q(x_i) of the proposal that sampled x_i (detached).
         target_log_scores: (N,) log P(x_i) of the unnormalised target (−inf allowed where P = 0).
-        divergence: registry name or object (α in the objectives.md convention).
+        divergence: registry name or object (α in the docs/objectives.md convention).
         log_z: log Z of the target (e.g. ``FDPGState.log_z``); must be finite.
         baseline: B (e.g. ``FDPGState.baseline``).
         coef_cap: cap on |(π/q)(R − B)| per sample.

@@ -1,7 +1,7 @@
 """f-DPO: DPO with the reverse-KL regulariser replaced by any f-divergence whose f′ is invertible.
 
 Source: Wang et al., "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
-Divergence Constraints", ICLR 2024; conventions: `objectives.md` §0 and §3 (binding).
+Divergence Constraints", ICLR 2024; conventions: `docs/objectives.md` §0 and §3.
 
 With ℓ = log π(y|x) − log π_ref(y|x) summed over the completion tokens (no length normalisation) and
 u = e^ℓ, the f-DPO implicit reward of a completion is β·f′(u). The loss of a preference pair
@@ -25,7 +25,7 @@ and robust; for TRL's length-normalised IPO it does not, and this choice is TRL'
 1 − e^{−ℓ}; α: (1 − e^{−αℓ})/α).
 
 Why `c_f`: the f-DPO paper and TRL write Jensen–Shannon with the generator u log u − (1+u) log((1+u)/2),
-twice the registry's ½[…] (objectives.md §0 note). §3 fixes the f-DPO JS score as log σ(ℓ_w) − log σ(ℓ_l),
+twice the registry's ½[…] (docs/objectives.md §0 note). §3 fixes the f-DPO JS score as log σ(ℓ_w) − log σ(ℓ_l),
 so c_js = 2. c_f is the registry entry's `fdpo_score_scale` field: 2.0 for `js`, 1.0 for every other
 entry, i.e. the registry's f′ (so `generalized_jsd(0.5)`, the registry's ½-JS, gives half the `js` score:
 the same loss with β halved).
@@ -133,7 +133,7 @@ def check_f_dpo_valid(d: Divergence) -> None:
     if reason is not None:
         raise ValueError(
             f"divergence '{d.label}' cannot be used with f-DPO: {reason} (Beyond Reverse KL, ICLR 2024; "
-            f"objectives.md §3). f-DPO-valid: {', '.join(f_dpo_valid_names())}."
+            f"docs/objectives.md §3). f-DPO-valid: {', '.join(f_dpo_valid_names())}."
         )
 
 
@@ -234,7 +234,7 @@ def fdpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: shape (B,),
             log-probabilities of the completions summed over their tokens.
         divergence: a registry name, a registry object, or a prebuilt `FDPOScore` (cheapest in a loop).
-            Alpha's α follows objectives.md: α = 1 − TRL's `f_alpha_divergence_coef`.
+            Alpha's α follows docs/objectives.md: α = 1 − TRL's `f_alpha_divergence_coef`.
         beta: β of the implicit reward β·f′(u) (τ of IPO).
         loss_type: one of `LOSS_TYPES`.
         label_smoothing: ε of the robust loss, in [0, 0.5); ignored by the other loss types (as in TRL).

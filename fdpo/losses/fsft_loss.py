@@ -1,9 +1,9 @@
-"""f-regularised SFT: NLL of the demonstrations + γ · D_f(π‖π_ref) per completion token (objectives.md §2).
+"""f-regularised SFT: NLL of the demonstrations + γ · D_f(π‖π_ref) per completion token (docs/objectives.md §2).
 
 Source: "Implicit Reward as the Bridge: A Unified View of SFT and DPO Connections" (2025): in plain SFT the
 KL-to-reference term of the implicit-reward objective is constant in π, so nothing restrains the update;
 SFT objectives derived from f-divergences keep that term. fdpo's form (the paper's exact per-f losses were
-not retrieved, objectives.md §2) is, over the N completion tokens t of a batch (the tokens whose label is
+not retrieved, docs/objectives.md §2) is, over the N completion tokens t of a batch (the tokens whose label is
 not −100, the tokens TRL's SFT loss counts),
 
     L = (1/N) Σ_t [ −log π(y_t | x, y_<t)  +  γ · D_f(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) ],
@@ -15,7 +15,7 @@ gradient-accumulation step, or the micro-batch's token count when that is not gi
 micro-batches is one token mean of the whole bracket.
 
 Why full vocabulary only (no "sampled" estimator): the demonstration tokens y_t are samples of the data
-distribution, not of π (objectives.md §1.3) nor of π_ref (§1.2). f(u(y_t)) on them estimates
+distribution, not of π (docs/objectives.md §1.3) nor of π_ref (§1.2). f(u(y_t)) on them estimates
 E_data[f(π/π_ref)], which is not D_f(π‖π_ref) (it is not even ≥ 0-in-expectation for a general f and
 vanishes on tokens the data never shows), and π_ref/p_data importance weights are unknown. An honest
 sampled estimate needs fresh samples of π or π_ref at every step (generation), which is RL, not SFT.

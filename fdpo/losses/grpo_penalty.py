@@ -1,4 +1,4 @@
-"""Divergence penalties of RLVR / GRPO on rollouts: which estimator, which gradient (objectives.md §1, §6).
+"""Divergence penalties of RLVR / GRPO on rollouts: which estimator, which gradient (docs/objectives.md §1, §6).
 
 GRPO samples completions y ∼ π_old (= π on-policy) and regularises η·D_f(π ‖ π_ref) per completion
 token. With ℓ_t = log π(y_t) − log π_ref(y_t), u_t = e^{ℓ_t}, ω_t = π(y_t)/π_old(y_t) (1 in value on

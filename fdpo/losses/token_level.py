@@ -1,4 +1,4 @@
-"""Token-level preference losses: TDPO1, TDPO2 and SparsePO (objectives.md §4, binding).
+"""Token-level preference losses: TDPO1, TDPO2 and SparsePO (docs/objectives.md §4).
 
 Sources: Zeng et al., "Token-level Direct Preference Optimization" (TDPO, ICML 2024); Christopoulou et al.,
 "SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks" (Findings of EMNLP 2025).

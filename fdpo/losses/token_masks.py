@@ -1,4 +1,4 @@
-"""Token masks for SparsePO, computed from the REFERENCE model (objectives.md §4).
+"""Token masks for SparsePO, computed from the REFERENCE model (docs/objectives.md §4).
 
 Learned ("sparse", SparsePO, Findings of EMNLP 2025): for each transformer layer ℓ = 1..L (not the
 embeddings), at the position that predicts token t,

@@ -1,6 +1,6 @@
 """`FD2OTrainer`: D2O (negatives only) on top of TRL's DPOTrainer.
 
-Loss (D2O, "Negating Negatives", Findings of EMNLP 2024; objectives.md §5): for prompt x with a
+Loss (D2O, "Negating Negatives", Findings of EMNLP 2024; docs/objectives.md §5): for prompt x with a
 dispreferred y_l and K completions y_1..y_K sampled once from the frozen reference,
 −log σ((β/K) Σ_k ℓ(y_k) − α ℓ(y_l)), ℓ = log π − log π_ref summed over the completion. The math
 lives in `fdpo.losses.d2o`; this class prepares the data and gathers sequence log-probabilities.

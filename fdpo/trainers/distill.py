@@ -1,6 +1,6 @@
 """`FDistillTrainer`: knowledge distillation with any registered divergence, on TRL's GKD machinery.
 
-Loss (objectives.md §9; `fdpo.losses.distill`): token mean over the completion of D(student ‖ teacher) over
+Loss (docs/objectives.md §9; `fdpo.losses.distill`): token mean over the completion of D(student ‖ teacher) over
 the full vocabulary, with the student in the π slot and the teacher in the π_ref slot: `forward_kl` is
 KL(teacher ‖ student) (the usual KD), `reverse_kl` KL(student ‖ teacher), `generalized_jsd` (β, GKD /
 DistillSpec), `total_variation` (DistillSpec), any other registered f, or `bdkd` (BD-KD's entropy-balanced
@@ -54,7 +54,7 @@ class FDistillConfig(DivergenceChoice, GKDConfig):
         },
     )
     alpha: float | None = field(
-        default=None, metadata={"help": "α of `divergence: alpha` (f-DPO paper convention, objectives.md)."}
+        default=None, metadata={"help": "α of `divergence: alpha` (f-DPO paper convention, docs/objectives.md)."}
     )
     divergence_params: dict[str, Any] | None = field(
         default=None, metadata={"help": "Other keyword parameters of the divergence (e.g. {beta: 0.5})."}

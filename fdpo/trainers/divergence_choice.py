@@ -1,6 +1,6 @@
 """The divergence a recipe chooses, as every trainer config holds it: `divergence`, `alpha`, `divergence_params`.
 
-One convention for all configs (objectives.md §0): α is the f-DPO paper's (α → 0 reverse KL, α → 1 forward KL;
+One convention for all configs (docs/objectives.md §0): α is the f-DPO paper's (α → 0 reverse KL, α → 1 forward KL;
 TRL's `f_alpha_divergence_coef` is 1 − α). A recipe may give α as `alpha:` or inside `divergence_params`, never
 both with different values; after validation the config stores one canonical form: the registry's canonical
 name, α in `alpha`, every other parameter in `divergence_params`.

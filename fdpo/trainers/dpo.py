@@ -1,6 +1,6 @@
 """`FDPOTrainer`: TRL's DPOTrainer with the divergence taken from fdpo's registry (f-DPO).
 
-Loss (f-DPO, "Beyond Reverse KL", ICLR 2024; objectives.md §3): with ℓ = log π − log π_ref summed over
+Loss (f-DPO, "Beyond Reverse KL", ICLR 2024; docs/objectives.md §3): with ℓ = log π − log π_ref summed over
 the completion tokens and the score s(ℓ) = c_f·(f′(e^ℓ) − f′(1)), the sigmoid loss is
 −log σ(β·(s(ℓ_w) − s(ℓ_l))); hinge, ipo and robust are defined on the same margin as TRL defines them.
 The math lives in `fdpo.losses.fdpo_loss`; this class gathers the sequence log-probabilities.
@@ -51,7 +51,7 @@ class FDPOConfig(DivergenceChoice, DPOConfig):
     alpha: float | None = field(
         default=None,
         metadata={
-            "help": "α of `divergence: alpha`, in the f-DPO paper's convention (objectives.md): "
+            "help": "α of `divergence: alpha`, in the f-DPO paper's convention (docs/objectives.md): "
             "f′(u) = (1 − u^−α)/α, α → 0 is reverse KL, α → 1 forward KL. TRL's `f_alpha_divergence_coef` "
             "is a = 1 − α. Required with `divergence: alpha`."
         },

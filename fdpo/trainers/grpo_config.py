@@ -1,4 +1,4 @@
-"""`FGRPOConfig`: every field of `trl.GRPOConfig` plus fdpo's divergence penalty and RL objectives (objectives.md §1, §6-§9).
+"""`FGRPOConfig`: every field of `trl.GRPOConfig` plus fdpo's divergence penalty and RL objectives (docs/objectives.md §1, §6-§9).
 
 The trainer is `fdpo.trainers.grpo_trainer.FGRPOTrainer` (config and trainer in their own files, as TRL).
 """
@@ -16,7 +16,7 @@ from fdpo.losses.grpo_penalty import ESTIMATORS, check_estimator
 from fdpo.trainers.divergence_choice import DivergenceChoice
 
 _ESTIMATOR_HELP = (
-    "How η·D_f(π‖π_ref) is estimated on rollouts and which gradient it follows (objectives.md §1): "
+    "How η·D_f(π‖π_ref) is estimated on rollouts and which gradient it follows (docs/objectives.md §1): "
     "`k1_reward`: k1 = log π − log π_ref summed over the completion and subtracted from the reward before the "
     "group advantages (PPO-RLHF); gradient ∇KL(π‖π_ref) through the policy gradient (k1 used as a loss has "
     "expected gradient 0, hence in the reward). "
@@ -39,7 +39,7 @@ class FGRPOConfig(DivergenceChoice, GRPOConfig, PresampleArguments):
     TRL's `beta` must stay 0: set `divergence_coef` (η) and `estimator` instead; `estimator: k3_ratio` with
     `divergence: reverse_kl` is TRL's `beta = η` with its default bias correction. The keys of
     `fdpo presample` (`presample_n`, `pef_threshold`, ...) are accepted so one recipe serves both stages.
-    `loss_type` also takes `disco` (DisCO, objectives.md §8) and `fdpg` (f-DPG, §9).
+    `loss_type` also takes `disco` (DisCO, docs/objectives.md §8) and `fdpg` (f-DPG, §9).
     """
 
     reward_funcs: list[str] = field(

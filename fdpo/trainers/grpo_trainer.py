@@ -1,4 +1,4 @@
-"""`FGRPOTrainer`: TRL's GRPOTrainer with a selectable divergence penalty η·D_f(π‖π_ref) (objectives.md §1, §6).
+"""`FGRPOTrainer`: TRL's GRPOTrainer with a selectable divergence penalty η·D_f(π‖π_ref) (docs/objectives.md §1, §6).
 
 The math lives in `fdpo.losses.grpo_penalty` (estimators, their gradients) and `fdpo.divergences`
 (full-vocabulary evaluation); this class gathers the tensors and logs.

@@ -1,6 +1,6 @@
 """`FSFTTrainer`: TRL's SFTTrainer with an optional f-divergence regulariser to a reference (f-SFT).
 
-Loss (objectives.md §2; "Implicit Reward as the Bridge", 2025), over the N completion tokens of a batch:
+Loss (docs/objectives.md §2; "Implicit Reward as the Bridge", 2025), over the N completion tokens of a batch:
 
     L = (1/N) Σ_t [ −log π(y_t | x, y_<t) + γ · D_f(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) ]
 
@@ -58,7 +58,7 @@ class FSFTConfig(DivergenceChoice, SFTConfig):
     alpha: float | None = field(
         default=None,
         metadata={
-            "help": "α of `divergence: alpha`, f-DPO paper convention (objectives.md): α → 0 is reverse KL, α → 1 "
+            "help": "α of `divergence: alpha`, f-DPO paper convention (docs/objectives.md): α → 0 is reverse KL, α → 1 "
             "forward KL; TRL's `f_alpha_divergence_coef` is 1 − α."
         },
     )

@@ -1,6 +1,6 @@
 """`TokenDPOTrainer`: token-level preference objectives (TDPO1, TDPO2, SparsePO, MaPO) on TRL's DPOTrainer.
 
-Math: `fdpo.losses.token_level` (objectives.md §4); masks: `fdpo.losses.token_masks`. This class only
+Math: `fdpo.losses.token_level` (docs/objectives.md §4); masks: `fdpo.losses.token_masks`. This class only
 gathers the per-token tensors and logs.
 
 Per batch (chosen rows then rejected rows, TRL's collator):
