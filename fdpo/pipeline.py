@@ -175,7 +175,8 @@ def _run_stage(stage: Stage, outputs: dict[str, Path], extra_overrides: dict[str
 
         overrides = {**spec.get("overrides", {}), **extra_overrides, "output_dir": str(stage.out)}
         recipe = load_recipe(spec["recipe"], overrides)
-        metrics = run_training(recipe, resume=spec.get("resume", True))
+        # a stage folder that does not exist yet has nothing to resume (and nothing to warn about)
+        metrics = run_training(recipe, resume=spec.get("resume", True) and stage.out.exists())
         history = [h for h in metrics.get("log_history", []) if "loss" in h]
         return {"steps": metrics["global_step"], "final_loss": history[-1]["loss"] if history else None}
     if stage.kind == "presample":

@@ -28,6 +28,7 @@ from fdpo.trainers.checkpoints import (
 )
 from fdpo.trainers.guards import NonFiniteGradientCallback
 from fdpo.trainers.registry import get_trainer_spec
+from fdpo.warning_filters import unpreventable_warnings_filtered
 
 logger = logging.getLogger("fdpo")
 
@@ -116,11 +117,13 @@ def run_training(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train `recipe` to completion; returns the final metrics. Resumes from the last complete checkpoint.
 
     On a CPU, `cpu_threads` (recipe key) sets torch's intra-op threads for the run and restores them after.
+    The dependencies' warnings that fdpo cannot prevent are filtered, narrowly, for the run
+    (`fdpo.warning_filters`).
     """
     threads = recipe.recipe_args.cpu_threads
     if threads is not None and threads < 1:
         raise RecipeError(f"{recipe.path}: key 'cpu_threads' must be ≥ 1 (or null for torch's default), got {threads}.")
-    with torch_threads(threads):
+    with torch_threads(threads), unpreventable_warnings_filtered():
         return _run_training(recipe, resume=resume)
 
 

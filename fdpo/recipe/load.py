@@ -226,6 +226,24 @@ def default_precision_for_this_machine(train_kw: dict[str, Any]) -> None:
         train_kw["bf16"] = False
 
 
+def quiet_defaults_for_this_machine(train_kw: dict[str, Any], config_cls: type) -> None:
+    """Defaults that keep a run free of warnings fdpo can prevent; a key the recipe sets is left alone.
+
+    - `dataloader_pin_memory` (TrainingArguments: True) is off when torch finds no accelerator: pinned
+      memory is unused there and torch warns once per dataloader ("no accelerator is found").
+    - `activation_checkpointing` (transformers' current name) carries the config's default for
+      `gradient_checkpointing` (TRL: True), so building the config does not trigger transformers'
+      "`gradient_checkpointing` is deprecated" FutureWarning; the value, and so training, is unchanged.
+      A recipe that writes `gradient_checkpointing` itself still gets that warning (rename the key).
+    """
+    if "dataloader_pin_memory" not in train_kw and not torch.accelerator.is_available():
+        train_kw["dataloader_pin_memory"] = False
+    if "activation_checkpointing" not in train_kw and "gradient_checkpointing" not in train_kw:
+        default = {f.name: f.default for f in dataclasses.fields(config_cls)}.get("gradient_checkpointing")
+        if isinstance(default, bool):
+            train_kw["activation_checkpointing"] = default
+
+
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read, merge overrides into, and validate a recipe; build its config objects."""
     path = Path(path)
@@ -248,6 +266,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         raise RecipeError(f"{where}: missing key 'dataset_name' (a local data file/directory or hub name).")
     train_kw.setdefault("report_to", "none")
     default_precision_for_this_machine(train_kw)
+    quiet_defaults_for_this_machine(train_kw, config_cls)
     try:
         recipe_args = RecipeArguments(**recipe_kw)
         model_args = ModelConfig(**model_kw)

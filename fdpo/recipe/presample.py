@@ -23,6 +23,7 @@ from fdpo.recipe.load import (
     Recipe,
     RecipeArguments,
     default_precision_for_this_machine,
+    quiet_defaults_for_this_machine,
     read_yaml,
     validate_keys,
 )
@@ -66,12 +67,11 @@ def load_presample_recipe(path: str | Path, overrides: dict[str, Any] | None = N
         )
     train_kw.setdefault("report_to", "none")
     default_precision_for_this_machine(train_kw)
+    quiet_defaults_for_this_machine(train_kw, config_cls)
     try:
         recipe_args = RecipeArguments(**recipe_kw)
         model_args = ModelConfig(**model_kw)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            training_args = config_cls(**train_kw)
+        training_args = config_cls(**train_kw)
         presample_args = training_args if mixed_in else PresampleArguments(**pre_kw[0])
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{where}: invalid combination of values: {exc}") from exc
