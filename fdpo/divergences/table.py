@@ -54,21 +54,70 @@ def format_divergence_table(columns: tuple[str, ...] = _COLUMNS) -> str:
     return "\n".join(lines)
 
 
+_TITLE = "fdpo divergences: D_f(π‖π_ref) = Σ_v π_ref(v) f(u), u = π/π_ref"
+_CAPTION = (
+    "α uses the f-DPO convention (TRL's f_alpha_divergence_coef = 1 − α); generalized_jsd's β weights π "
+    "(TRL's beta = 1 − β). Names accept the aliases listed."
+)
+_BLOCK_FIELDS = ("f(u)", "f′(u)", "D_f(π‖π_ref)", "f-DPO valid", "mass covering", "parameters", "notes")
+
+
 def print_divergence_table(console: Any = None) -> None:
-    """Print the registry with ``rich`` (the ``fdpo divergences`` command)."""
+    """Print the registry with ``rich`` (the ``fdpo divergences`` command), fitted to the console width.
+
+    The full table when it fits whole; otherwise (an 80-column terminal, a pipe) one block per divergence,
+    each field on its own line and long values wrapped at words under their field, so no cell is cut into
+    fragments. A pipe gets rich's default width (80, or ``COLUMNS``).
+    """
     from rich.console import Console
+
+    console = console or Console()
+    table = _rich_table()
+    if Console(width=10_000).measure(table).maximum <= console.width:
+        console.print(table)
+    else:
+        _print_blocks(console)
+
+
+def _rich_table() -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
-    table = Table(
-        title="fdpo divergences: D_f(π‖π_ref) = Σ_v π_ref(v) f(u), u = π/π_ref",
-        caption="α uses the f-DPO convention (TRL's f_alpha_divergence_coef = 1 − α); "
-        "generalized_jsd's β weights π (TRL's beta = 1 − β). Names accept the aliases listed.",
-        show_lines=False,
-    )
-    for col in ("name", "aliases", *_COLUMNS[1:]):
+    columns = ("name", "aliases", *_COLUMNS[1:])
+    table = Table(title=_TITLE, caption=_CAPTION, show_lines=False)
+    for col in columns:
         table.add_column(col, overflow="fold")
     for row in divergence_table_rows():
-        table.add_row(*(escape(row[c]) for c in ("name", "aliases", *_COLUMNS[1:])))
-    console.print(table)
+        table.add_row(*(escape(row[c]) for c in columns))
+    return table
+
+
+def divergence_blocks(width: int) -> list[str]:
+    """The registry as one block per divergence, every line at most `width` characters: the name (and
+    aliases), then each field on its own line, long values wrapped at words under their field."""
+    import textwrap
+
+    label = max(len(f) for f in _BLOCK_FIELDS)
+    indent = " " * (2 + label + 2)
+    lines = [*textwrap.wrap(_TITLE, width)]
+    for row in divergence_table_rows():
+        lines.append("")
+        aliases = "" if row["aliases"] == "—" else f"  (aliases: {row['aliases']})"
+        lines += textwrap.wrap(row["name"] + aliases, width, subsequent_indent="    ")
+        for field in _BLOCK_FIELDS:
+            if row[field]:
+                lines += textwrap.wrap(
+                    row[field], width, initial_indent=f"  {field:<{label}}  ", subsequent_indent=indent,
+                    break_on_hyphens=False,
+                )
+    lines += ["", *textwrap.wrap(_CAPTION, width)]
+    return lines
+
+
+def _print_blocks(console: Any) -> None:
+    from rich.text import Text
+
+    names = {row["name"] for row in divergence_table_rows()}
+    for line in divergence_blocks(console.width):
+        style = "bold" if line.split(" ", 1)[0] in names and not line.startswith(" ") else None
+        console.print(Text(line, style=style or ""), soft_wrap=True)

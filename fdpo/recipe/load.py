@@ -209,13 +209,16 @@ def _with_type(f: dataclasses.Field, tp: Any) -> dataclasses.Field:
 
 
 def all_keys(trainer: str) -> dict[str, str]:
-    """Every valid recipe key for `trainer`, with its help text."""
+    """Every valid recipe key for `trainer`, with its help text as argparse would print it.
+
+    TRL and transformers write `%%` in help strings (argparse's escape for `%`); it is unescaped here.
+    """
     spec = get_trainer_spec(trainer)
     out: dict[str, str] = {}
     for cls in (RecipeArguments, ModelConfig, spec.config_class()):
         for f in dataclasses.fields(cls):
             if f.init:
-                out.setdefault(f.name, str(f.metadata.get("help", "")).split("\n")[0])
+                out.setdefault(f.name, str(f.metadata.get("help", "")).split("\n")[0].replace("%%", "%"))
     return out
 
 
