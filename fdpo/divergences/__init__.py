@@ -35,6 +35,7 @@ from fdpo.divergences.estimators import (
     policy_sample_generator_loss,
     ref_sample_generator_loss,
 )
+from fdpo.divergences.extras import EXTRA_OBJECTIVES, ExtraObjective, extra_objective
 from fdpo.divergences.full_vocab import full_vocab_divergence, full_vocab_divergence_from_hidden
 from fdpo.divergences.numerics import (
     report_saturation,
@@ -46,6 +47,7 @@ from fdpo.divergences.registry import (
     available_divergences,
     divergence_aliases,
     divergence_class,
+    f_dpo_valid_divergences,
     get_divergence,
     register,
     resolve_divergence,
@@ -53,8 +55,10 @@ from fdpo.divergences.registry import (
 from fdpo.divergences.table import divergence_table_rows, format_divergence_table, print_divergence_table
 
 __all__ = [
+    "EXTRA_OBJECTIVES",
     "Alpha",
     "Divergence",
+    "ExtraObjective",
     "ForwardKL",
     "GeneralizedJSD",
     "Jeffreys",
@@ -69,6 +73,8 @@ __all__ = [
     "divergence_aliases",
     "divergence_class",
     "divergence_table_rows",
+    "extra_objective",
+    "f_dpo_valid_divergences",
     "format_divergence_table",
     "full_vocab_divergence",
     "full_vocab_divergence_from_hidden",

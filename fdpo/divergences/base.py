@@ -106,6 +106,9 @@ class Divergence(ABC):
       f-DPO paper writes the generator at another scale than the registry: ``js`` has 2.0,
       because §3's JS score β(log σ(ℓ_w) − log σ(ℓ_l)) is twice the registry's ½-JS f′
       (``generalized_jsd(0.5)`` keeps 1.0: the same divergence, half the score).
+    - ``dph_generator_scale``: the factor s_f between the per-sample value DPH-RL optimises in its
+      rehearsal term and this entry's f̃ (docs/objectives.md §7): 1.0 except ``js``, 2.0, since the
+      DPH-RL paper writes the JS generator without the registry's ½.
     """
 
     canonical: ClassVar[str]
@@ -117,6 +120,7 @@ class Divergence(ABC):
     mass_covering: ClassVar[bool]
     source: ClassVar[str] = "docs/objectives.md §0"
     fdpo_score_scale: ClassVar[float] = 1.0
+    dph_generator_scale: ClassVar[float] = 1.0
     notes: ClassVar[str] = ""
 
     # -- parameters ----------------------------------------------------------------------------

@@ -214,6 +214,7 @@ class JensenShannon(_JSDFamily):
     notes = "= generalized_jsd(0.5)"
     beta = 0.5
     fdpo_score_scale = 2.0  # §3: the f-DPO JS score is log σ(ℓ_w) − log σ(ℓ_l) = 2 × this f′'s margin
+    dph_generator_scale = 2.0  # §7: DPH-RL's JS generator u log u − (u+1) log((u+1)/2) is 2 × this f̃
 
 
 # --------------------------------------------------------------------------------------------

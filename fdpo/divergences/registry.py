@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from fdpo.divergences.base import Divergence
@@ -21,19 +22,32 @@ _D = TypeVar("_D", bound=type[Divergence])
 
 _ENTRIES: dict[str, type[Divergence]] = {}  # canonical name → class
 _NAMES: dict[str, str] = {}  # canonical name or alias → canonical name
+_RESERVED: dict[str, str] = {}  # names of the non-f extra objectives (extras.py) → their canonical name
 
 
 def _normalise(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", name.strip().lower())
 
 
+def _check_free(owner: str, names: tuple[str, ...]) -> None:
+    for raw in names:
+        name = _normalise(raw)
+        taken = _NAMES.get(name) or _RESERVED.get(name)
+        if taken is not None and taken != owner:
+            raise ValueError(f"divergence name {name!r} is already taken by '{taken}'")
+
+
+def reserve_names(owner: str, names: tuple[str, ...]) -> None:
+    """Keep ``names`` (a non-f objective's, see extras.py) from being registered as divergence names."""
+    _check_free(owner, names)
+    for raw in names:
+        _RESERVED[_normalise(raw)] = owner
+
+
 def register(cls: _D) -> _D:
     """Class decorator adding one divergence (its canonical name and aliases) to the registry."""
     names = (cls.canonical, *cls.aliases)
-    for raw in names:
-        name = _normalise(raw)
-        if name in _NAMES and _NAMES[name] != cls.canonical:
-            raise ValueError(f"divergence name {name!r} is already taken by '{_NAMES[name]}'")
+    _check_free(cls.canonical, names)
     for field in ("formula", "f_prime_formula", "equals", "f_dpo_valid", "mass_covering"):
         if not hasattr(cls, field):
             raise TypeError(f"divergence class {cls.__name__} lacks the class attribute '{field}'")
@@ -146,6 +160,12 @@ def get_divergence(name: str | Divergence, **params: Any) -> Divergence:
     return cls(**{k: _as_number(cls.canonical, k, v) for k, v in merged.items()})
 
 
-def resolve_divergence(divergence: str | Divergence) -> Divergence:
-    """A :class:`Divergence` from itself or from a name/label (parameters must be in the label)."""
-    return get_divergence(divergence)
+def resolve_divergence(divergence: str | Divergence, params: Mapping[str, Any] | None = None) -> Divergence:
+    """fdpo's one resolver: a :class:`Divergence` from itself, or from a name/label with ``params``
+    (e.g. ``resolve_divergence("alpha", {"alpha": 0.3})``; parameters may also sit in the label)."""
+    return get_divergence(divergence, **dict(params or {}))
+
+
+def f_dpo_valid_divergences() -> list[str]:
+    """Canonical names of the entries f-DPO accepts (f′ invertible, 0 ∉ dom f′; docs/objectives.md §3)."""
+    return [name for name, cls in _ENTRIES.items() if cls.f_dpo_valid]

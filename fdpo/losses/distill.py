@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fdpo.divergences import Divergence, full_vocab_divergence, get_divergence
+from fdpo.divergences import Divergence, extra_objective, full_vocab_divergence, resolve_divergence
+from fdpo.divergences.extras import BDKD as _BDKD_ENTRY
 from fdpo.divergences.full_vocab import default_chunk_size
 
-BDKD = "bdkd"
-BDKD_ALIASES = ("bdkd", "bd_kd", "bd-kd", "balanced_kl")
+BDKD = _BDKD_ENTRY.canonical  # name and aliases are the registry's (fdpo/divergences/extras.py)
 
 
 @dataclass(frozen=True)
@@ -67,16 +67,16 @@ class DistillObjective:
 
 
 def resolve_distill_objective(name: str | Divergence | DistillObjective, params: dict[str, Any] | None = None):
-    """`bdkd` (aliases `bd_kd`, `balanced_kl`) or any registry divergence, with its parameters."""
+    """`bdkd` (the registry's extra objective, with its aliases) or any registry divergence, with its parameters."""
     if isinstance(name, DistillObjective):
         return name
     if isinstance(name, Divergence):
         return DistillObjective(name)
-    if name.strip().lower() in BDKD_ALIASES:
+    if extra_objective(name) is _BDKD_ENTRY:
         if params:
             raise ValueError(f"the BD-KD objective takes no divergence parameters, got {params}")
         return DistillObjective(None)
-    return DistillObjective(get_divergence(name, **dict(params or {})))
+    return DistillObjective(resolve_divergence(name, params))
 
 
 @torch.no_grad()

@@ -33,8 +33,6 @@ forward KL) does the registry saturate, counted by `fdpo.divergences.saturation_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor
 
@@ -43,16 +41,14 @@ from fdpo.divergences.numerics import compute_dtype
 
 CONVENTIONS: tuple[str, ...] = ("dph", "registry")
 
-# DPH-RL-paper scale of a generator relative to the registry's f̃ (the JS form without the ½).
-DPH_GENERATOR_SCALE: Mapping[str, float] = {"js": 2.0}
-
 
 def rehearsal_scale(divergence: str | Divergence, convention: str = "dph") -> float:
-    """s_f: the factor between the optimised per-sample value and the registry's f̃ (or f)."""
+    """s_f: the factor between the optimised per-sample value and the registry's f̃ (or f): the
+    registry entry's ``dph_generator_scale`` with ``convention="dph"``, else 1."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown rehearsal convention {convention!r}; valid: {list(CONVENTIONS)}")
     div = resolve_divergence(divergence)
-    return DPH_GENERATOR_SCALE.get(div.canonical, 1.0) if convention == "dph" else 1.0
+    return float(div.dph_generator_scale) if convention == "dph" else 1.0
 
 
 def rehearsal_token_values(

@@ -56,42 +56,17 @@ by bisection on the monotone f′ (f-DPO validity means f′ strictly increases)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from fdpo.divergences import Divergence, f_dpo_valid_divergences, resolve_divergence
 
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "robust")
 DEFAULT_SCORE_CAP = 1e10
 
 _SEARCH_BOUND = 1e6  # |ℓ| beyond which no threshold is searched (the registry caps |ℓ| there too)
-
-
-class Divergence(Protocol):
-    """The part of `fdpo.divergences`' interface that f-DPO uses."""
-
-    canonical: str
-    label: str
-    f_dpo_valid: bool
-    fdpo_score_scale: float  # c_f: the f-DPO score's factor on f′ (module docstring)
-
-    def f(self, logr: torch.Tensor) -> torch.Tensor: ...
-
-    def f_prime(self, logr: torch.Tensor) -> torch.Tensor: ...
-
-    def f_normalized(self, logr: torch.Tensor) -> torch.Tensor: ...
-
-
-def resolve_divergence(divergence: str | Divergence, params: Mapping[str, Any] | None = None) -> Divergence:
-    """A registry object for `divergence` (a name with `params`, or an object passed through)."""
-    if not isinstance(divergence, str):
-        if params:
-            raise ValueError("divergence parameters are only accepted together with a divergence name")
-        return divergence
-    from fdpo.divergences import get_divergence
-
-    return get_divergence(divergence, **dict(params or {}))
 
 
 def _f_prime64(d: Divergence, logr: float) -> float:
@@ -122,9 +97,7 @@ def f_dpo_invalid_reason(d: Divergence) -> str | None:
 
 def f_dpo_valid_names() -> list[str]:
     """Canonical names of the registry's f-DPO-valid divergences."""
-    from fdpo.divergences import available_divergences, divergence_class
-
-    return [n for n in available_divergences() if divergence_class(n).f_dpo_valid]
+    return f_dpo_valid_divergences()
 
 
 def check_f_dpo_valid(d: Divergence) -> None:

@@ -27,22 +27,13 @@ models, in chunks of positions, never materialising the (batch, seq, vocab) logi
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from fdpo.divergences import Divergence, full_vocab_divergence_from_hidden, get_divergence
+from fdpo.divergences import Divergence, full_vocab_divergence_from_hidden, resolve_divergence
 
 #: divergence logged as the distance to the starting checkpoint (reverse KL, the usual RLHF KL).
 KL_TO_START = "reverse_kl"
-
-
-def resolve_sft_divergence(name: str | Divergence, params: dict[str, Any] | None = None) -> Divergence:
-    """The registry entry regularising f-SFT (any registered divergence: no f-DPO validity is needed)."""
-    if isinstance(name, Divergence):
-        return name
-    return get_divergence(name, **dict(params or {}))
 
 
 def token_normaliser(mask: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
@@ -89,7 +80,7 @@ def fsft_loss(
         (loss, metrics) with metrics `div/<label>`, `nll` (when `token_logps` is given) and `kl_to_start`
         (when asked): token means over this micro-batch, detached.
     """
-    div = resolve_sft_divergence(divergence)
+    div = resolve_divergence(divergence)
     if coef < 0:
         raise ValueError(f"divergence_coef must be ≥ 0, got {coef}")
     mask = mask.bool()

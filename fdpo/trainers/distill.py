@@ -33,7 +33,7 @@ import torch
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from fdpo.losses.distill import distill_loss, resolve_distill_objective
-from fdpo.trainers.divergence_choice import DivergenceChoice
+from fdpo.trainers.divergence_choice import DivergenceChoice, divergence_field
 from fdpo.trainers.guards import check_finite_terms
 
 _TRL_DEFAULT_BETA = 0.5
@@ -44,20 +44,10 @@ class FDistillConfig(DivergenceChoice, GKDConfig):
     """Configuration of `FDistillTrainer`: every field of TRL's `GKDConfig` (λ = `lmbda`, `seq_kd`,
     `temperature` for sampling, `max_new_tokens`, `teacher_model_name_or_path`), plus the divergence."""
 
-    divergence: str = field(
-        default="forward_kl",
-        metadata={
-            "help": "Divergence D(student ‖ teacher) over the full vocabulary: any registry name (forward_kl = "
-            "KL(teacher‖student), the usual KD; reverse_kl; generalized_jsd with divergence_params {beta: β}, β = "
-            "student weight = 1 − TRL's GKD beta; total_variation; js; alpha; …) or `bdkd` (BD-KD's "
-            "entropy-balanced forward + reverse KL)."
-        },
-    )
-    alpha: float | None = field(
-        default=None, metadata={"help": "α of `divergence: alpha` (f-DPO paper convention, docs/objectives.md)."}
-    )
-    divergence_params: dict[str, Any] | None = field(
-        default=None, metadata={"help": "Other keyword parameters of the divergence (e.g. {beta: 0.5})."}
+    divergence: str = divergence_field(
+        "forward_kl",
+        "Distillation: D(student ‖ teacher) over the full vocabulary, the student in π's slot (forward_kl = "
+        "KL(teacher‖student), the usual KD; generalized_jsd's β = student weight = 1 − TRL's GKD beta).",
     )
     teacher_model_name_or_path: str | None = field(
         default=None,
@@ -81,11 +71,7 @@ class FDistillConfig(DivergenceChoice, GKDConfig):
             )
         if not self.distill_temperature > 0:
             raise ValueError(f"FDistillConfig: distill_temperature must be > 0, got {self.distill_temperature}.")
-        try:
-            obj = resolve_distill_objective(self.divergence, self.divergence_kwargs())
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"FDistillConfig: divergence={self.divergence!r}: {exc}") from exc
-        self.store_canonical_divergence(obj.canonical, obj.params)
+        self.resolve_divergence_choice(resolve_distill_objective)
         super().__post_init__()
 
 

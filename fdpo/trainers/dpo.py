@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from fdpo.losses.fdpo_loss import DEFAULT_SCORE_CAP, LOSS_TYPES, FDPOScore, fdpo_loss, resolve_divergence
+from fdpo.losses.fdpo_loss import DEFAULT_SCORE_CAP, LOSS_TYPES, FDPOScore, fdpo_loss
 from fdpo.trainers.divergence_choice import DivergenceChoice
 from fdpo.trainers.guards import check_finite_terms
 
@@ -33,33 +33,13 @@ _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejecte
 
 @dataclass
 class FDPOConfig(DivergenceChoice, DPOConfig):
-    """Configuration of `FDPOTrainer`: every field of `trl.DPOConfig`, plus the divergence.
+    """Configuration of `FDPOTrainer`: every field of `trl.DPOConfig`, plus the divergence (`divergence`,
+    `alpha`, `divergence_params` from `DivergenceChoice`; f-DPO takes the registry's f-DPO-valid entries).
 
     TRL's own `f_divergence_type` / `f_alpha_divergence_coef` are replaced by `divergence` / `alpha`
     (α = 1 − `f_alpha_divergence_coef`) and must stay at their defaults.
     """
 
-    divergence: str = field(
-        default="reverse_kl",
-        metadata={
-            "help": "f-divergence between policy and reference that f-DPO regularises with (fdpo's registry; "
-            "aliases accepted, the canonical name is stored). f-DPO-valid: `reverse_kl` (standard DPO), "
-            "`forward_kl`, `js`, `alpha`, `jeffreys`, `squared_hellinger`, `neyman_chi2`. `pearson_chi2` and "
-            "`total_variation` are rejected: f-DPO needs f′ invertible with 0 ∉ dom f′."
-        },
-    )
-    alpha: float | None = field(
-        default=None,
-        metadata={
-            "help": "α of `divergence: alpha`, in the f-DPO paper's convention (docs/objectives.md): "
-            "f′(u) = (1 − u^−α)/α, α → 0 is reverse KL, α → 1 forward KL. TRL's `f_alpha_divergence_coef` "
-            "is a = 1 − α. Required with `divergence: alpha`."
-        },
-    )
-    divergence_params: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "Other keyword parameters of the divergence, passed to the registry."},
-    )
     score_cap: float = field(
         default=DEFAULT_SCORE_CAP,
         metadata={
@@ -93,13 +73,8 @@ class FDPOConfig(DivergenceChoice, DPOConfig):
             )
         if self.beta <= 0:
             raise ValueError(f"FDPOConfig: beta must be positive, got {self.beta}.")
-        try:
-            score = FDPOScore(self.divergence, score_cap=self.score_cap, **self.divergence_kwargs())
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"FDPOConfig: divergence={self.divergence!r}: {exc}") from exc
-        # store one canonical form: the name, with every parameter (also those written in a label such as
-        # 'alpha(0.5)') in `alpha` / `divergence_params`
-        self.store_canonical_divergence(score.divergence.canonical, score.divergence.params)
+        # resolved through FDPOScore, which refuses a divergence f-DPO cannot use; one canonical form is stored
+        self.resolve_divergence_choice(lambda name, params: FDPOScore(name, score_cap=self.score_cap, **params).divergence)
         super().__post_init__()
 
 
@@ -112,9 +87,7 @@ class FDPOTrainer(DPOTrainer):
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if not isinstance(config, FDPOConfig):
             raise TypeError(f"FDPOTrainer needs `args=FDPOConfig(...)`, got {type(config).__name__}.")
-        self.fdpo_score = FDPOScore(
-            resolve_divergence(config.divergence, config.divergence_kwargs()), score_cap=config.score_cap
-        )
+        self.fdpo_score = FDPOScore(config.resolved_divergence(), score_cap=config.score_cap)
         super().__init__(*args, **kwargs)
 
     def _sequence_logps(self, per_token_logps: torch.Tensor, shift_mask: torch.Tensor) -> torch.Tensor:

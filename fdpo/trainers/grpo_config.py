@@ -6,11 +6,10 @@ The trainer is `fdpo.trainers.grpo_trainer.FGRPOTrainer` (config and trainer in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from trl import GRPOConfig
 
-from fdpo.data.presample import PresampleArguments
+from fdpo.data.presample_settings import PresampleArguments
 from fdpo.divergences import get_divergence
 from fdpo.losses.grpo_penalty import ESTIMATORS, check_estimator
 from fdpo.trainers.divergence_choice import DivergenceChoice
@@ -48,17 +47,6 @@ class FGRPOConfig(DivergenceChoice, GRPOConfig, PresampleArguments):
             "help": "Reward functions by name (fdpo.rewards: `synthetic_task`, a task name such as `sum_pairs`, "
             "`math_verify`, `exact_match`) or dotted path `pkg.module:function`; weights in `reward_weights`."
         },
-    )
-    divergence: str = field(
-        default="reverse_kl",
-        metadata={"help": "f-divergence D_f(π‖π_ref) of the penalty (fdpo's registry; aliases accepted)."},
-    )
-    alpha: float | None = field(
-        default=None,
-        metadata={"help": "α of `divergence: alpha` in the f-DPO paper's convention (α→0 reverse KL, α→1 forward KL)."},
-    )
-    divergence_params: dict[str, Any] | None = field(
-        default=None, metadata={"help": "Other keyword parameters of the divergence, passed to the registry."}
     )
     divergence_coef: float = field(
         default=0.0,
@@ -186,7 +174,7 @@ class FGRPOConfig(DivergenceChoice, GRPOConfig, PresampleArguments):
             if getattr(self, key) < 0:
                 raise ValueError(f"FGRPOConfig: key '{key}' must be ≥ 0, got {getattr(self, key)}.")
         try:
-            div = get_divergence(self.divergence, **self.divergence_kwargs())
+            div = self.resolved_divergence()
             if self.divergence_coef > 0:
                 check_estimator(self.estimator, div)
             elif self.estimator not in ESTIMATORS:
@@ -228,5 +216,3 @@ class FGRPOConfig(DivergenceChoice, GRPOConfig, PresampleArguments):
             )
         super().__post_init__()
 
-    def resolved_divergence(self):
-        return get_divergence(self.divergence, **self.divergence_kwargs())

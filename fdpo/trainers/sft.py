@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from fdpo.losses.fsft_loss import fsft_loss, resolve_sft_divergence
+from fdpo.losses.fsft_loss import fsft_loss
 from fdpo.trainers.divergence_choice import DivergenceChoice
 from fdpo.trainers.guards import check_finite_terms
 
@@ -46,26 +46,9 @@ ESTIMATORS = ("full_vocab",)
 
 @dataclass
 class FSFTConfig(DivergenceChoice, SFTConfig):
-    """Configuration of `FSFTTrainer`: every field of `trl.SFTConfig`, plus the f-divergence regulariser."""
+    """Configuration of `FSFTTrainer`: every field of `trl.SFTConfig`, plus the f-divergence regulariser
+    (`divergence`, `alpha`, `divergence_params` from `DivergenceChoice`: any registry entry)."""
 
-    divergence: str = field(
-        default="reverse_kl",
-        metadata={
-            "help": "f-divergence D_f(π‖π_ref) that regularises SFT when divergence_coef > 0 (fdpo's registry, any "
-            "entry; aliases accepted, the canonical name is stored)."
-        },
-    )
-    alpha: float | None = field(
-        default=None,
-        metadata={
-            "help": "α of `divergence: alpha`, f-DPO paper convention (docs/objectives.md): α → 0 is reverse KL, α → 1 "
-            "forward KL; TRL's `f_alpha_divergence_coef` is 1 − α."
-        },
-    )
-    divergence_params: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "Other keyword parameters of the divergence (e.g. {beta: 0.3} for generalized_jsd)."},
-    )
     divergence_coef: float = field(
         default=0.0,
         metadata={
@@ -120,18 +103,14 @@ class FSFTConfig(DivergenceChoice, SFTConfig):
             raise ValueError(f"FSFTConfig: divergence_coef must be ≥ 0, got {self.divergence_coef}.")
         if not self.lr_scale > 0:
             raise ValueError(f"FSFTConfig: lr_scale must be > 0, got {self.lr_scale}.")
-        try:
-            div = resolve_sft_divergence(self.divergence, self.divergence_kwargs())
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"FSFTConfig: divergence={self.divergence!r}: {exc}") from exc
-        self.store_canonical_divergence(div.canonical, div.params)
+        self.resolve_divergence_choice()
         self.base_learning_rate = self.learning_rate
         self.learning_rate = self.learning_rate * self.lr_scale
         super().__post_init__()
 
     @property
     def divergence_label(self) -> str:
-        return resolve_sft_divergence(self.divergence, self.divergence_kwargs()).label
+        return self.resolved_divergence().label
 
 
 def _same_path(a: str | None, b: str | None) -> bool:
@@ -151,7 +130,7 @@ class FSFTTrainer(SFTTrainer):
         if not isinstance(config, FSFTConfig):
             raise TypeError(f"FSFTTrainer needs `args=FSFTConfig(...)`, got {type(config).__name__}.")
         super().__init__(*args, **kwargs)
-        self.fsft_divergence = resolve_sft_divergence(config.divergence, config.divergence_kwargs())
+        self.fsft_divergence = config.resolved_divergence()
         self.divergence_coef = float(config.divergence_coef)
         start = getattr(self._policy_lm().config, "_name_or_path", "") or None
         self.ref_is_start = ref_model is None and (
