@@ -8,16 +8,20 @@
     fdpo data TASK OUT_DIR                           write a synthetic task's data for every stage
     fdpo divergences                                 the registry of divergences as a table
     fdpo keys TRAINER                                every valid recipe key of a trainer, with help
+
+A mistake in a recipe, data file, model directory or command line is reported in one message naming
+the place and the fix, with exit code 2 and no traceback; `--debug` (or FDPO_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from fdpo.errors import RecipeError
+from fdpo.errors import RecipeError, UserError
 
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -26,9 +30,10 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     use_cpu_backend_if_no_gpu()
     recipe = load_recipe(args.recipe, parse_overrides(extra))
-    metrics = run_training(recipe, resume=args.resume)
+    metrics = run_training(recipe, resume=args.resume, overwrite=args.overwrite)
     end_distributed()
-    print(f"fdpo: trained {recipe.path} for {metrics['global_step']} steps → {recipe.training_args.output_dir}")
+    done = "was already complete at" if metrics.get("already_complete") else "trained for"
+    print(f"fdpo: {recipe.path} {done} {metrics['global_step']} steps → {recipe.training_args.output_dir}")
     return 0
 
 
@@ -70,10 +75,39 @@ def _cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        ks = ()
+    if not ks or min(ks) < 1:
+        raise RecipeError(f"command line: -k {text!r}: expected comma-separated positive integers, e.g. -k 1,4,16.")
+    return ks
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Refuse meaningless `fdpo eval` values before any model loads (each names its flag)."""
+    for flag, value in (("--num-samples", args.num_samples), ("--num-prompts", args.num_prompts),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise RecipeError(f"command line: {flag} {value}: must be ≥ 1.")
+    if not args.temperature >= 0:  # also catches NaN
+        raise RecipeError(
+            f"command line: --temperature {args.temperature}: must be ≥ 0 (0 samples greedily, 1.0 is the default)."
+        )
+
+
 def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from fdpo.eval import evaluate_checkpoint, render_eval_table
+    from fdpo.models.checks import check_model_dir
 
-    ks = tuple(int(k) for k in args.k.split(","))
+    ks = _parse_ks(args.k)
+    _check_eval_args(args)
+    check_model_dir(args.checkpoint, where="command line: CHECKPOINT")
+    if args.data is not None:
+        from fdpo.data.loading import check_local_file
+
+        check_local_file(args.data, key="command line: --data")
     result = evaluate_checkpoint(
         args.checkpoint,
         task=args.task,
@@ -107,11 +141,15 @@ def _cmd_keys(args: argparse.Namespace, extra: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fdpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also FDPO_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one recipe; extra --key value pairs override recipe keys")
     p.add_argument("recipe")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete what output_dir holds (another run's files) and start fresh"
+    )
     p.set_defaults(func=_cmd_train, allow_extra=True)
 
     p = sub.add_parser("pipeline", help="run the stages of a pipeline recipe in order")
@@ -166,11 +204,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # `fdpo train R --debug` as well as `fdpo --debug train R`
+        extra = [e for e in extra if e != "--debug"]
+        args.debug = True
     if extra and not getattr(args, "allow_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = args.debug or os.environ.get("FDPO_DEBUG", "") not in ("", "0")
     try:
         code = args.func(args, extra)
-    except RecipeError as exc:
+    except UserError as exc:
+        if debug:
+            raise
         print(f"fdpo: error: {exc}", file=sys.stderr)
         code = 2
     if __name__ == "__main__" or argv is None:

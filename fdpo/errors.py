@@ -11,8 +11,16 @@ import difflib
 from collections.abc import Iterable
 
 
-class RecipeError(ValueError):
+class UserError(Exception):
+    """Base of every error the user caused and can fix: the CLI prints it without a traceback, exit code 2."""
+
+
+class RecipeError(UserError, ValueError):
     """A recipe, its data or its model could not be used. The message names the place and a fix."""
+
+
+class RunDirError(RecipeError):
+    """A run directory cannot be used as asked (another run's files, a lock held, a changed recipe on resume)."""
 
 
 def nearest(name: str, candidates: Iterable[str]) -> str | None:

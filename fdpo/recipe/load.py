@@ -22,7 +22,7 @@ import yaml
 from trl import ModelConfig
 
 from fdpo.errors import RecipeError, nearest
-from fdpo.recipe.validate import check_field
+from fdpo.recipe.validate import check_field, check_ranges
 from fdpo.trainers.registry import TRAINERS, get_trainer_spec
 
 TRAINER_NAMES = tuple(TRAINERS)
@@ -96,7 +96,21 @@ def _plain(value: Any) -> Any:
 
 class RecipeLoader(yaml.SafeLoader):
     """YAML 1.2 scalars: only true/false are booleans (`save_strategy: no` stays the string "no"),
-    and `1e-3` is a float."""
+    and `1e-3` is a float. A key given twice in one mapping is an error (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]}, again on line {line}): "
+                    "keep one of them", key_node.start_mark,
+                )
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 RecipeLoader.yaml_implicit_resolvers = {
@@ -120,9 +134,15 @@ def yaml_load(text: str) -> Any:
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
-def parse_override_value(text: str) -> Any:
+def parse_override_value(text: str, *, key: str = "") -> Any:
     """A `--key value` override is parsed as YAML (so `--lr 1e-3`, `--use_peft true`, `--ks [1,4]` work)."""
-    return yaml_load(text)
+    try:
+        return yaml_load(text)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise RecipeError(
+            f"command line: --{key} {text!r} is not a valid YAML value ({problem}). Quote it, e.g. --{key} '\"...\"'."
+        ) from exc
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
@@ -142,15 +162,23 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
                 raise RecipeError(f"command line: '--{key}' needs a value (e.g. --{key} 10).")
             text = argv[i + 1]
             i += 2
-        out[key.replace("-", "_")] = parse_override_value(text)
+        out[key.replace("-", "_")] = parse_override_value(text, key=key)
     return out
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise RecipeError(f"recipe file {path} does not exist.")
+    if path.is_dir():
+        raise RecipeError(f"{path} is a directory; give a recipe file (e.g. {path}/sft.yaml).")
+    raw = path.read_bytes()
     try:
-        data = yaml_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}, line {line}: byte {raw[exc.start]:#04x} is not UTF-8. Re-save the recipe as UTF-8.") from exc
+    try:
+        data = yaml_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
@@ -177,9 +205,13 @@ def _coerce_yaml_float(value: Any, tp: Any) -> Any:
 
 
 def validate_keys(
-    data: dict[str, Any], classes: list[type], *, where: str
+    data: dict[str, Any], classes: list[type], *, where: str, origins: dict[str, str] | None = None
 ) -> list[dict[str, Any]]:
-    """Split `data` over `classes` by field name, checking names and types of every value."""
+    """Split `data` over `classes` by field name, checking names and types of every value.
+
+    `origins` maps a key to where its value came from when that is not `where` (e.g. "command line").
+    """
+    origins = origins or {}
     # a key several classes declare (e.g. `eval_task`: the recipe's and a trainer's own hook) goes to each
     owners: dict[str, list[tuple[int, dataclasses.Field, Any]]] = {}
     for idx, cls in enumerate(classes):
@@ -190,14 +222,15 @@ def validate_keys(
             owners.setdefault(f.name, []).append((idx, f, hints.get(f.name, f.type)))
     per_class: list[dict[str, Any]] = [{} for _ in classes]
     for key, value in data.items():
+        key_where = origins.get(key, where)
         if key not in owners:
             hint = nearest(key, owners)
             extra = f" Did you mean '{hint}'?" if hint else " Run `fdpo keys TRAINER` to list valid keys."
-            raise RecipeError(f"{where}: unknown key '{key}'.{extra}")
+            raise RecipeError(f"{key_where}: unknown key '{key}'.{extra}")
         for idx, f, tp in owners[key]:
             coerced = _coerce_yaml_float(value, tp)
             checked_field = _with_type(f, tp)
-            per_class[idx][key] = check_field(checked_field, coerced, where=where)
+            per_class[idx][key] = check_field(checked_field, coerced, where=key_where)
     return per_class
 
 
@@ -247,20 +280,32 @@ def quiet_defaults_for_this_machine(train_kw: dict[str, Any], config_cls: type) 
             train_kw["activation_checkpointing"] = default
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read, merge overrides into, and validate a recipe; build its config objects."""
+def load_recipe(
+    path: str | Path, overrides: dict[str, Any] | None = None, *, overrides_from: str = "command line"
+) -> Recipe:
+    """Read, merge overrides into, and validate a recipe; build its config objects.
+
+    An error in an override names `overrides_from` (where the overrides came from), not the recipe file.
+    """
     path = Path(path)
     raw = read_yaml(path)
-    raw.update(overrides or {})
+    overrides = overrides or {}
+    raw.update(overrides)
     where = str(path)
+    origins = {key: f"{overrides_from} (--{key}, overriding {path})" for key in overrides}
     trainer = raw.get("trainer", "sft")
     if trainer not in TRAINER_NAMES:
         hint = nearest(str(trainer), TRAINER_NAMES)
         extra = f" Did you mean '{hint}'?" if hint else ""
-        raise RecipeError(f"{where}: key 'trainer' is {trainer!r}; valid trainers: {list(TRAINER_NAMES)}.{extra}")
+        raise RecipeError(
+            f"{origins.get('trainer', where)}: key 'trainer' is {trainer!r}; valid trainers: {list(TRAINER_NAMES)}.{extra}"
+        )
     spec = get_trainer_spec(trainer)
     config_cls = spec.config_class()
-    recipe_kw, model_kw, train_kw = validate_keys(raw, [RecipeArguments, ModelConfig, config_cls], where=where)
+    recipe_kw, model_kw, train_kw = validate_keys(
+        raw, [RecipeArguments, ModelConfig, config_cls], where=where, origins=origins
+    )
+    check_ranges(raw, where=where, origins=origins)
     if "model_name_or_path" not in model_kw:
         raise RecipeError(f"{where}: missing key 'model_name_or_path' (a local model directory or hub name).")
     if "output_dir" not in train_kw:

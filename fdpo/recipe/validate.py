@@ -64,6 +64,11 @@ def check_value(value: Any, tp: Any) -> tuple[bool, Any, str]:
         return (value is None), value, "expected null"
     if origin in (list, tuple, typing.Sequence):
         if not isinstance(value, list | tuple):
+            # TRL's own parsers accept one item for a list field (`loss_type: sigmoid` → ["sigmoid"])
+            (inner,) = typing.get_args(tp)[:1] or (Any,)
+            ok, coerced, _ = check_value(value, inner)
+            if ok and value is not None and not isinstance(value, dict):
+                return True, [coerced], ""
             return False, value, f"expected a list, got {type(value).__name__}"
         (inner,) = typing.get_args(tp)[:1] or (Any,)
         out = []
@@ -120,3 +125,48 @@ def check_field(field: dataclasses.Field, value: Any, *, where: str) -> Any:
                     f"{where}: key '{field.name}' is {item!r}, which is not one of {choices}.{extra}"
                 )
     return coerced
+
+
+def _at_least(bound: float, *, strict: bool = False):
+    def check(value: Any) -> bool:
+        return value > bound if strict else value >= bound
+
+    return check
+
+
+# Values that type-check but cannot mean anything (TRL/transformers accept several of them silently and
+# then train nothing, or crash later). `None` is always allowed where a key is optional.
+RANGES: dict[str, tuple[Any, str]] = {
+    "learning_rate": (_at_least(0, strict=True), "must be > 0 (e.g. 1e-5 for a 0.5B model, 1e-3 for the tiny one)"),
+    "per_device_train_batch_size": (_at_least(1), "must be ≥ 1"),
+    "per_device_eval_batch_size": (_at_least(1), "must be ≥ 1"),
+    "gradient_accumulation_steps": (_at_least(1), "must be ≥ 1 (1 means no accumulation)"),
+    "max_steps": (lambda v: v >= 1 or v == -1, "must be ≥ 1, or -1 to train for num_train_epochs"),
+    "num_train_epochs": (_at_least(0, strict=True), "must be > 0"),
+    "save_steps": (_at_least(0, strict=True), "must be > 0 (a step count, or a fraction of max_steps below 1)"),
+    "logging_steps": (_at_least(0, strict=True), "must be > 0 (a step count, or a fraction of max_steps below 1)"),
+    "eval_steps": (_at_least(0, strict=True), "must be > 0 (a step count, or a fraction of max_steps below 1)"),
+    "save_total_limit": (_at_least(1), "must be ≥ 1 (or null to keep every checkpoint)"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+    "warmup_steps": (_at_least(0), "must be ≥ 0"),
+    "weight_decay": (_at_least(0), "must be ≥ 0"),
+    "max_grad_norm": (_at_least(0), "must be ≥ 0 (0 turns clipping off)"),
+    "max_length": (_at_least(1), "must be ≥ 1 (or null for no limit)"),
+    "max_prompt_length": (_at_least(1), "must be ≥ 1 (or null for no limit)"),
+    "max_completion_length": (_at_least(1), "must be ≥ 1"),
+    "num_generations": (_at_least(1), "must be ≥ 1"),
+    "temperature": (_at_least(0, strict=True), "must be > 0 (sampling temperature)"),
+    "cpu_threads": (_at_least(1), "must be ≥ 1 (or null for torch's default)"),
+    "seed": (_at_least(0), "must be ≥ 0"),
+}
+
+
+def check_ranges(raw: dict[str, Any], *, where: str, origins: dict[str, str] | None = None) -> None:
+    """Refuse type-correct values that cannot mean anything (the table `RANGES`), naming key and origin."""
+    origins = origins or {}
+    for key, (ok, rule) in RANGES.items():
+        value = raw.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not ok(value) or value != value:  # value != value: NaN
+            raise RecipeError(f"{origins.get(key, where)}: key '{key}' is {value!r}: {rule}.")

@@ -3,7 +3,12 @@
 transformers writes a checkpoint folder piece by piece (weights, optimizer, scheduler, RNG, trainer
 state); a run killed in between leaves a folder that looks like a checkpoint but is not. fdpo marks
 a checkpoint complete only after every piece is written (`CompleteCheckpointCallback.on_save`), and
-resumes from the newest marked one; unmarked folders are moved aside, never loaded.
+resumes from the newest marked one; unmarked folders are moved aside (at most one kept), never loaded.
+
+Rotation (`save_total_limit`) is fdpo's, not transformers': transformers deletes old checkpoints
+before any callback runs, so a kill between its save and fdpo's marker would leave no complete
+checkpoint. The callback takes the limit over at train start and rotates only after marking the
+new checkpoint, so at every instant at least one complete checkpoint exists.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 MARKER = "fdpo_checkpoint_complete.json"
 RUN_MARKER = "fdpo_run_complete.json"
 RESOLVED_RECIPE = "fdpo_recipe.resolved.yaml"
+QUARANTINE_PREFIX = "incomplete-"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 logger = logging.getLogger("fdpo")
@@ -45,10 +52,27 @@ def last_complete_checkpoint(output_dir: str | Path, *, quarantine: bool = False
         if is_complete(ckpt):
             complete = ckpt
         elif quarantine:
-            target = ckpt.with_name(f"incomplete-{ckpt.name}-{int(time.time())}")
+            target = ckpt.with_name(f"{QUARANTINE_PREFIX}{ckpt.name}-{time.time_ns()}")
             logger.warning("checkpoint %s is incomplete (killed while saving?); moved to %s", ckpt, target)
             shutil.move(str(ckpt), str(target))
+            prune_quarantined(output_dir, keep=target)
     return complete
+
+
+def quarantined_dirs(output_dir: str | Path) -> list[Path]:
+    """The `incomplete-checkpoint-*` folders moved aside in `output_dir`."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(QUARANTINE_PREFIX + "checkpoint-"))
+
+
+def prune_quarantined(output_dir: str | Path, *, keep: Path | None = None) -> None:
+    """Delete every quarantined folder but `keep`: one is enough to inspect, more would fill the disk."""
+    for old in quarantined_dirs(output_dir):
+        if keep is None or old != keep:
+            logger.info("deleting the older quarantined folder %s", old)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def run_is_complete(output_dir: str | Path) -> bool:
@@ -56,7 +80,7 @@ def run_is_complete(output_dir: str | Path) -> bool:
     return (Path(output_dir) / RUN_MARKER).is_file()
 
 
-def write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict | list) -> None:
     """Write JSON atomically (temp file + rename): readers see the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
@@ -64,10 +88,18 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 class CompleteCheckpointCallback(TrainerCallback):
-    """Marks each checkpoint complete once transformers has written all of it; copies the recipe in."""
+    """Marks each checkpoint complete once transformers has written all of it, copies the recipe in, and
+    only then deletes checkpoints beyond `save_total_limit` (the limit is taken over from transformers)."""
 
     def __init__(self, resolved_recipe_text: str | None = None) -> None:
         self.resolved_recipe_text = resolved_recipe_text
+        self.save_total_limit: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.save_total_limit, args.save_total_limit = args.save_total_limit, None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        args.save_total_limit = self.save_total_limit
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -78,3 +110,9 @@ class CompleteCheckpointCallback(TrainerCallback):
         if self.resolved_recipe_text is not None:
             (ckpt / RESOLVED_RECIPE).write_text(self.resolved_recipe_text)
         write_json(ckpt / MARKER, {"global_step": state.global_step, "time": time.time()})
+        rotate_checkpoints(
+            output_dir=args.output_dir,
+            save_total_limit=self.save_total_limit,
+            best_model_checkpoint=state.best_model_checkpoint,
+            use_mtime=False,
+        )

@@ -12,9 +12,11 @@ from collections.abc import Mapping
 import torch
 from transformers import TrainerCallback
 
+from fdpo.errors import UserError
 
-class NonFiniteError(RuntimeError):
-    """Training produced a NaN or an infinity."""
+
+class NonFiniteError(UserError, RuntimeError):
+    """Training produced a NaN or an infinity (the CLI reports it without a traceback, exit code 2)."""
 
 
 def check_finite_terms(terms: Mapping[str, torch.Tensor | float], *, step: int) -> None:
@@ -43,7 +45,9 @@ class NonFiniteGradientCallback(TrainerCallback):
         if bool(torch.isfinite(total)):
             return
         bad = next(name for (name, _), norm in zip(grads, norms) if not bool(torch.isfinite(norm)))
-        raise NonFiniteError(
-            f"step {state.global_step + 1}: the gradient of '{bad}' is not finite. "
-            "Lower the learning rate or the divergence coefficient, or enable max_grad_norm."
+        clipping = args.max_grad_norm is not None and args.max_grad_norm > 0
+        fix = "Lower the learning rate or the divergence coefficient"
+        fix += " (gradient clipping, max_grad_norm, is on but cannot repair a NaN/inf)." if clipping else (
+            ", or enable gradient clipping (max_grad_norm: 1.0)."
         )
+        raise NonFiniteError(f"step {state.global_step + 1}: the gradient of '{bad}' is not finite. {fix}")
