@@ -3,14 +3,19 @@
 `get_reward_function("sum_pairs")` → the synthetic task's checker; `"math_verify"`, `"exact_match"`,
 `"synthetic_task"` (per-row dispatch on a `task` column) are built in. Anything else is read as a
 dotted path to a user function, `package.module:function` or `package.module.function`; the module
-is imported (it must be importable: installed, or on `PYTHONPATH`). Every reward follows TRL's
+is imported (installed, on `PYTHONPATH`, or a `module.py` in the working directory, loaded explicitly by
+file path, never by putting the working directory on `sys.path`, so it cannot shadow fdpo's own imports).
+A recipe is trusted like code: a dotted path imports and calls arbitrary code. Every reward follows TRL's
 signature `fn(prompts, completions, **kwargs) -> list[float]`.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from fdpo.data.tasks import available_tasks
 from fdpo.errors import RecipeError, nearest
@@ -57,12 +62,27 @@ def get_reward_function(spec: str | RewardFn) -> RewardFn:
     return _import_function(spec)
 
 
+def _import_user_module(module_name: str):
+    """Import `module_name`; if no installed module has that name, load `./module_name.py` by its path."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        local = Path.cwd() / (module_name.replace(".", "/") + ".py")
+        if exc.name != module_name.split(".")[0] or not local.is_file():
+            raise
+    spec = importlib.util.spec_from_file_location(module_name, local)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _import_function(spec: str) -> RewardFn:
     module_name, sep, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
     if not module_name or not attr or (sep == ":" and ":" in attr):
         raise RewardSpecError(f"reward {spec!r}: expected 'package.module:function' or 'package.module.function'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_user_module(module_name)
     except ImportError as exc:
         raise RewardSpecError(
             f"reward {spec!r}: could not import module {module_name!r} ({exc}). "
