@@ -20,10 +20,16 @@ recipe; the rehearsal store is the stage folder, so a later train stage sets
 `rehearsal_file: {from_stage: <this stage>}`), `eval` (pass@k and diversity; `kl_to: {sft: {from_stage: sft}}` adds `kl_to_sft`, the exact
 per-token KL(π‖π_sft) on the evaluated checkpoint's own samples). `--from STAGE`
 reruns that stage and every later one; earlier stages are reused as they are.
+
+A stage is complete only for the spec it ran with: its fingerprint (a hash of its kind and spec, the
+text of its recipe file, the command-line overrides, and the fingerprints of the stages it reads
+from) is kept in `run_dir/.fdpo_stages/<name>.json`. A stage whose fingerprint changed (an edited
+recipe or override) is rerun from scratch, and so is every stage that consumes it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -176,7 +182,9 @@ def _run_stage(stage: Stage, outputs: dict[str, Path], extra_overrides: dict[str
         overrides = {**spec.get("overrides", {}), **extra_overrides, "output_dir": str(stage.out)}
         recipe = load_recipe(spec["recipe"], overrides)
         # a stage folder that does not exist yet has nothing to resume (and nothing to warn about)
-        metrics = run_training(recipe, resume=spec.get("resume", True) and stage.out.exists())
+        # `resume: false` starts the stage over (its folder's earlier contents are deleted, not mixed in)
+        resume = spec.get("resume", True)
+        metrics = run_training(recipe, resume=resume and stage.out.exists(), overwrite=not resume)
         history = [h for h in metrics.get("log_history", []) if "loss" in h]
         return {"steps": metrics["global_step"], "final_loss": history[-1]["loss"] if history else None}
     if stage.kind == "presample":
@@ -234,6 +242,33 @@ def _previous_metrics(stage: Stage) -> dict[str, Any]:
     return {}
 
 
+STAGE_HASHES = ".fdpo_stages"
+
+
+def stage_fingerprint(stage: Stage, upstream: dict[str, str], extra: dict[str, Any]) -> str:
+    """Hash of what a stage's output depends on: spec, recipe file text, overrides, upstream fingerprints."""
+    payload: dict[str, Any] = {"kind": stage.kind, "spec": stage.spec,
+                               "upstream": {ref: upstream[ref] for ref in sorted(set(_references(stage.spec)))}}
+    if stage.kind in ("train", "presample"):
+        recipe = Path(str(stage.spec["recipe"]))
+        payload["recipe_text"] = recipe.read_text(errors="replace") if recipe.is_file() else None
+        payload["extra_overrides"] = extra
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _recorded_fingerprint(run_dir: Path, stage: Stage) -> str | None:
+    try:
+        return json.loads((run_dir / STAGE_HASHES / f"{stage.name}.json").read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _record_fingerprint(run_dir: Path, stage: Stage, fingerprint: str) -> None:
+    (run_dir / STAGE_HASHES).mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / STAGE_HASHES / f"{stage.name}.json", {"fingerprint": fingerprint})
+
+
 def run_pipeline(
     path: str | Path, *, from_stage: str | None = None, overrides: list[str] | None = None
 ) -> list[StageResult]:
@@ -249,11 +284,20 @@ def run_pipeline(
     outputs: dict[str, Path] = {}
     results: list[StageResult] = []
     run_dir.mkdir(parents=True, exist_ok=True)
+    fingerprints: dict[str, str] = {}
     for idx, stage in enumerate(stages):
         outputs[stage.name] = stage.out
+        stage_extra = extra if stage.kind in ("train", "presample") else {}
+        fingerprints[stage.name] = fingerprint = stage_fingerprint(stage, fingerprints, stage_extra)
+        recorded = _recorded_fingerprint(run_dir, stage)
         if idx >= rerun_from and stage.out.exists():
             logger.info("stage %s: rerunning (--from %s), removing %s", stage.name, from_stage, stage.out)
             shutil.rmtree(stage.out)
+        elif stage.out.exists() and recorded is not None and recorded != fingerprint:
+            logger.info("stage %s: its spec, recipe or an upstream stage changed since it ran: rerunning, removing %s",
+                        stage.name, stage.out)
+            shutil.rmtree(stage.out)
+        _record_fingerprint(run_dir, stage, fingerprint)
         if stage_is_complete(stage):
             logger.info("stage %s: complete, skipped", stage.name)
             results.append(StageResult(stage.name, stage.kind, "skipped", 0.0, _previous_metrics(stage)))
@@ -261,7 +305,7 @@ def run_pipeline(
         status = "resumed" if stage.out.exists() else "ran"
         logger.info("stage %s (%s): %s", stage.name, stage.kind, "resuming" if status == "resumed" else "running")
         start = time.time()
-        metrics = _run_stage(stage, outputs, extra if stage.kind in ("train", "presample") else {})
+        metrics = _run_stage(stage, outputs, stage_extra)
         results.append(StageResult(stage.name, stage.kind, status, round(time.time() - start, 1), metrics))
     write_summary(run_dir, results)
     return results

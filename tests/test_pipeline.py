@@ -111,3 +111,17 @@ def test_killed_train_stage_resumes_to_the_same_final_metrics(tmp_path):
     for step in (4, 5, 6):
         assert losses[step] == pytest.approx(full_losses[step], rel=1e-5, abs=1e-6)
     assert (out / "model.safetensors").is_file()
+
+
+def test_edited_stage_reruns_and_so_do_its_consumers(tmp_path):
+    run_dir = tmp_path / "run"
+    pipe = _sft_pipeline(tmp_path, run_dir, max_steps=2, save_strategy="no")
+    data = yaml.safe_load(pipe.read_text())
+    data["stages"].append({"name": "again", "kind": "train", "recipe": data["stages"][2]["recipe"],
+                           "overrides": {**data["stages"][2]["overrides"], "model_name_or_path": {"from_stage": "sft"}}})
+    pipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert [r.status for r in run_pipeline(pipe)] == ["ran"] * 4
+    data["stages"][2]["overrides"]["learning_rate"] = 2.0e-3  # edit the sft stage only
+    pipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert [r.status for r in run_pipeline(pipe)] == ["skipped", "skipped", "ran", "ran"]
+    assert [r.status for r in run_pipeline(pipe)] == ["skipped"] * 4
