@@ -135,3 +135,10 @@ def test_full_disk_keeps_the_last_complete_checkpoint_and_names_the_path(tmp_pat
     assert "no space left on device" in err and str(out / "checkpoint-4" / "rng_state.pth") in err
     assert "checkpoint-2 is intact" in err
     assert [c.name for c in checkpoint_dirs(out)] == ["checkpoint-2"] and (out / "checkpoint-2" / MARKER).is_file()
+
+
+def test_every_row_too_long_is_one_error_naming_the_file(tmp_path, tiny_model_dir, task_data_dir, capsys):
+    recipe = _recipe(tmp_path, tiny_model_dir, task_data_dir, tmp_path / "long", max_length=2)
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "sft.jsonl" in err and "max_length=2" in err and "every one of its" in err
