@@ -28,10 +28,9 @@ def test_threads_set_inside_and_restored_after():
 def test_invalid_value_names_the_key(tmp_path):
     from fdpo.errors import RecipeError
     from fdpo.recipe import load_recipe
-    from fdpo.train import run_training
 
     with pytest.raises(ValueError, match="cpu_threads"), torch_threads(0):
         pass
-    recipe = load_recipe(REPO / "recipes" / "tiny" / "sft" / "sft.yaml", {"cpu_threads": 0, "output_dir": str(tmp_path)})
+    # refused when the recipe loads, before any run starts (fdpo.recipe.validate.RANGES)
     with pytest.raises(RecipeError, match="cpu_threads"):
-        run_training(recipe)
+        load_recipe(REPO / "recipes" / "tiny" / "sft" / "sft.yaml", {"cpu_threads": 0, "output_dir": str(tmp_path)})
