@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fsft import PARAMS, direct_divergence, token_mean_divergence
+from truth import ENTRY_PARAMS, bdkd_closed_form, divergence_closed_form, token_mean_divergence
 
 from fdpo.divergences import available_divergences, get_divergence
 from fdpo.losses.distill import distill_loss, resolve_distill_objective
@@ -40,23 +40,16 @@ def _logits(seed=0, shape=(2, 6, 13)):
     return s, t, mask
 
 
-def _direct_bdkd(logp, logq):
-    h_s = -(logp.exp() * logp).sum(-1)
-    h_t = -(logq.exp() * logq).sum(-1)
-    w = (h_s / (h_s + h_t)).detach()
-    return (1 - w) * direct_divergence("forward_kl", {}, logp, logq) + w * direct_divergence("reverse_kl", {}, logp, logq)
-
-
 @pytest.mark.parametrize("name", [*available_divergences(), "bdkd"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_loss_equals_float64_direct_sum(name, temperature):
     s, t, mask = _logits()
-    params = PARAMS.get(name, {})
+    params = ENTRY_PARAMS.get(name, {})
     obj = resolve_distill_objective(name, params)
     loss, metrics = distill_loss(s, t, mask, obj, temperature=temperature, chunk_size=4)
     s2 = s.detach().clone().requires_grad_()
     logp, logq = (s2 / temperature).log_softmax(-1), (t / temperature).log_softmax(-1)
-    d = _direct_bdkd(logp, logq) if name == "bdkd" else direct_divergence(name, params, logp, logq)
+    d = bdkd_closed_form(logp, logq) if name == "bdkd" else divergence_closed_form(name, params, logp, logq)
     truth = (d * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, truth, rtol=1e-9, atol=1e-12)
     assert metrics[f"div/{obj.label}"].item() == pytest.approx(truth.item(), rel=1e-9)
@@ -207,7 +200,7 @@ def test_trainer_loss_equals_direct_sum_on_full_logits(tiny_model_dir, task_data
         logp = student(**kw).logits[:, :-1].double().log_softmax(-1)
         logq = teacher(**kw).logits[:, :-1].double().log_softmax(-1)
     mask = batch["labels"][:, 1:] != -100
-    d = _direct_bdkd(logp, logq) if divergence == "bdkd" else direct_divergence(divergence, params, logp, logq)
+    d = bdkd_closed_form(logp, logq) if divergence == "bdkd" else divergence_closed_form(divergence, params, logp, logq)
     truth = d[mask].mean().item()
     assert truth > 1e-3 and loss.item() == pytest.approx(truth, rel=1e-5)
 

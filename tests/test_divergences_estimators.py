@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from test_divergences_truth import CASES, case_id, direct_divergence
+from truth import CASES, case_id, divergence_by_generator
 
 from fdpo.divergences import (
     get_divergence,
@@ -114,7 +114,7 @@ def test_rehearsal_generator_on_reference_samples_is_exact_in_value_and_gradient
     value, grad = _expected(
         lambda lp: ref_sample_generator_loss(lp, logq, div, normalized=normalized), logq.exp(), theta
     )
-    true_value, true_grad = _exact(lambda p, q: direct_divergence(name, params, p, q), theta, logq)
+    true_value, true_grad = _exact(lambda p, q: divergence_by_generator(name, params, p, q), theta, logq)
     _close(value, true_value)
     _close(grad, true_grad)
 
@@ -127,7 +127,7 @@ def test_policy_sample_generator_is_exact_in_value_and_gradient(case, on_policy)
     if on_policy:
         old = theta.detach().log_softmax(-1)
     div = get_divergence(name, **params)
-    true_value, true_grad = _exact(lambda p, q: direct_divergence(name, params, p, q), theta, logq)
+    true_value, true_grad = _exact(lambda p, q: divergence_by_generator(name, params, p, q), theta, logq)
     for normalized in (True, False):
         old_arg = None if on_policy else old
         value, grad = _expected(
@@ -153,7 +153,7 @@ def test_policy_sample_generator_without_score_term_is_k1_or_k3():
     _, grad = _expected(
         lambda x: policy_sample_generator_loss(x, logq, "js", score_function=False), lp.exp(), theta
     )
-    _, true_grad = _exact(lambda p, q: direct_divergence("js", {}, p, q), theta, logq)
+    _, true_grad = _exact(lambda p, q: divergence_by_generator("js", {}, p, q), theta, logq)
     assert float((grad - true_grad).abs().max()) > 1e-3
 
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_divergences_truth import CASES, case_id, generator
+from truth import CASES, case_id, generator
 
 from fdpo.divergences import (
     Divergence,

@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_divergences_truth import CASES, METHODS, case_id, mp_method
+from truth import CASES, METHODS, case_id, mp_method
 
 from fdpo.divergences import (
     get_divergence,

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from test_divergences_truth import CASES, case_id
+from truth import CASES, case_id
 
 from fdpo.divergences import (
     Alpha,

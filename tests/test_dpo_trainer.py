@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fdpo_loss import (
+from dpo_fixtures import (
     LOSS_METRICS,
-    _FakePolicy,
+    FakePolicy,
     fake_batch,
     tiny_model,
     tiny_preference_dataset,
@@ -205,7 +205,7 @@ def test_trainer_loss_equals_trl_trainer_loss(trainers, case):
     results = []
     for t in (trl, ours):
         leaf = per_token.clone().requires_grad_(True)
-        loss = t._compute_loss(_FakePolicy(leaf), inputs, False)
+        loss = t._compute_loss(FakePolicy(leaf), inputs, False)
         (grad,) = torch.autograd.grad(loss, leaf)
         results.append((loss.detach(), grad))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-5, atol=1e-6)
@@ -225,7 +225,7 @@ def test_non_finite_loss_stops_with_step_and_term(trainers):
     inputs, per_token = fake_batch(2, 8, seed=0)
     per_token[0, -1] = float("nan")
     with pytest.raises(NonFiniteError, match="step 1: the loss term 'fdpo_sigmoid'"):
-        ours._compute_loss(_FakePolicy(per_token), inputs, False)
+        ours._compute_loss(FakePolicy(per_token), inputs, False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from trainer_args import CPU_TRAINER_ARGS
+from truth import ENTRY_PARAMS, divergence_closed_form, token_mean_divergence
 
 from fdpo.divergences import available_divergences, get_divergence
 from fdpo.losses.fsft_loss import fsft_loss
@@ -34,48 +35,6 @@ COMMON = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-# ------------------------------------------------------------------------------------------------
-# float64 truth: D_f(p‖q) = Σ_v q f(p/q), written out per divergence
-# ------------------------------------------------------------------------------------------------
-
-
-def direct_divergence(name: str, params: dict, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Per-position D(p‖q) in float64 from log-probabilities (..., V), by the closed form of each entry."""
-    logp, logq = logp.double(), logq.double()
-    p, q = logp.exp(), logq.exp()
-    kl = lambda a, la, lb: (a * (la - lb)).sum(-1)  # noqa: E731
-    if name == "reverse_kl":
-        return kl(p, logp, logq)
-    if name == "forward_kl":
-        return kl(q, logq, logp)
-    if name in ("js", "generalized_jsd"):
-        beta = params.get("beta", 0.5)
-        m = beta * p + (1 - beta) * q
-        return beta * kl(p, logp, m.log()) + (1 - beta) * kl(q, logq, m.log())
-    if name == "alpha":
-        a = params["alpha"]
-        return ((p ** (1 - a) * q**a).sum(-1) - 1) / (a * (a - 1))
-    if name == "jeffreys":
-        return ((p - q) * (logp - logq)).sum(-1)
-    if name == "squared_hellinger":
-        return ((p.sqrt() - q.sqrt()) ** 2).sum(-1)
-    if name == "neyman_chi2":
-        return ((q - p) ** 2 / p).sum(-1)
-    if name == "pearson_chi2":
-        return ((p - q) ** 2 / q).sum(-1)
-    if name == "total_variation":
-        return 0.5 * (p - q).abs().sum(-1)
-    raise KeyError(name)
-
-
-PARAMS = {"alpha": {"alpha": 0.3}, "generalized_jsd": {"beta": 0.2}}
-
-
-def test_every_registry_entry_has_a_direct_form():
-    for name in available_divergences():
-        direct_divergence(name, PARAMS.get(name, {}), torch.zeros(1, 3).log_softmax(-1), torch.zeros(1, 3).log_softmax(-1))
-
-
 @pytest.mark.parametrize("name", available_divergences())
 def test_pure_loss_value_and_gradient_match_float64(name):
     gen = torch.Generator().manual_seed(0)
@@ -86,7 +45,7 @@ def test_pure_loss_value_and_gradient_match_float64(name):
     ref_weight = torch.randn(V, H, generator=gen, dtype=torch.float64)
     mask = torch.rand(B, T, generator=gen) > 0.3
     nll = torch.tensor(1.25, dtype=torch.float64)
-    div = get_divergence(name, **PARAMS.get(name, {}))
+    div = get_divergence(name, **ENTRY_PARAMS.get(name, {}))
     gamma, n_items = 0.7, 13
     loss, metrics = fsft_loss(
         nll, hidden, weight, ref_hidden, ref_weight, mask, div, coef=gamma, num_items_in_batch=n_items,
@@ -96,11 +55,11 @@ def test_pure_loss_value_and_gradient_match_float64(name):
     h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     logp = (h2 @ w2.T).log_softmax(-1)
     logq = (ref_hidden @ ref_weight.T).log_softmax(-1)
-    d = direct_divergence(name, PARAMS.get(name, {}), logp, logq)
+    d = divergence_closed_form(name, ENTRY_PARAMS.get(name, {}), logp, logq)
     truth = nll + gamma * (d * mask).sum() / n_items
     torch.testing.assert_close(loss, truth, rtol=1e-9, atol=1e-12)
     assert metrics[f"div/{div.label}"].item() == pytest.approx((d * mask).sum().item() / mask.sum().item(), rel=1e-9)
-    kl = direct_divergence("reverse_kl", {}, logp, logq)
+    kl = divergence_closed_form("reverse_kl", {}, logp, logq)
     assert metrics["kl_to_start"].item() == pytest.approx((kl * mask).sum().item() / mask.sum().item(), rel=1e-9)
     if name == "total_variation":
         return  # |·| has no gradient at ties; values only
@@ -225,31 +184,15 @@ def test_trainer_divergence_term_equals_float64_direct_sum(tiny_model_dir, task_
         logq = ref(**kw).logits[:, :-1].double().log_softmax(-1)
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    d = direct_divergence(divergence, params, logp, logq)[mask]
+    d = divergence_closed_form(divergence, params, logp, logq)[mask]
     nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
     label = get_divergence(divergence, **params).label
     assert metrics[f"div/{label}"] == pytest.approx(d.mean().item(), rel=1e-4)
     assert metrics["nll"] == pytest.approx(nll.mean().item(), rel=1e-5)
-    assert metrics["kl_to_start"] == pytest.approx(direct_divergence("reverse_kl", {}, logp, logq)[mask].mean().item(),
+    assert metrics["kl_to_start"] == pytest.approx(divergence_closed_form("reverse_kl", {}, logp, logq)[mask].mean().item(),
                                                    rel=1e-4)
     assert loss.item() == pytest.approx((nll + gamma * d).mean().item(), rel=1e-5)
     assert d.mean().item() > 1e-3  # the check is not vacuous
-
-
-def token_mean_divergence(policy, ref, rows, tok, name: str) -> float:
-    """Token mean of D_name(π‖π_ref) in float64 over the completions of conversational `rows`, each position's
-    divergence summed directly over the vocabulary (independent of fdpo)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            prompt = tok.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
-            full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
-            ids = torch.tensor([full])
-            logp = policy(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
-            logq = ref(input_ids=ids).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
-            d = direct_divergence(name, {}, logp, logq)
-            total, count = total + d.sum().item(), count + d.numel()
-    return total / count
 
 
 def _kl_to(model_dir, start_dir, ds_rows, tok) -> float:
@@ -311,7 +254,7 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled(tiny_model_dir, ta
         with trainer.model.disable_adapter():
             logq = trainer.model(**kw).logits[:, :-1].double().log_softmax(-1)
     mask = batch["labels"][:, 1:] != -100
-    truth = direct_divergence("forward_kl", {}, logp, logq)[mask].mean().item()
+    truth = divergence_closed_form("forward_kl", {}, logp, logq)[mask].mean().item()
     assert truth > 1e-5 and value == pytest.approx(truth, rel=1e-4)
 
 
