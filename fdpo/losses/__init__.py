@@ -1,4 +1,4 @@
-"""Pure loss functions: tensors in → (loss, metrics) out; no Trainer, no model (DESIGN.md layers)."""
+"""Pure loss functions: tensors in → (loss, metrics) out; no Trainer, no model (docs/architecture.md)."""
 
 from fdpo.losses.chi2 import chi2_penalty, chi2_terms
 from fdpo.losses.d2o import d2o_loss

@@ -1,6 +1,6 @@
 """Stop training, with a message naming the step and the term, when anything goes non-finite.
 
-DESIGN.md: never let a loss go NaN silently. Losses in fdpo return their terms by name; trainers
+docs/architecture.md: never let a loss go NaN silently. Losses in fdpo return their terms by name; trainers
 pass them through `check_finite_terms` before backward, and `NonFiniteGradientCallback` checks
 the gradients before each optimizer step.
 """
