@@ -2,6 +2,7 @@
 
     fdpo train RECIPE [--resume] [--key value ...]   train one recipe (also under `accelerate launch -m fdpo`)
     fdpo pipeline RECIPE [--from STAGE]              run a multi-stage recipe (tiny → data → sft → … → eval)
+    fdpo sweep SWEEP [--jobs N] [--dry-run] [--from CELL]   a grid of overrides × seeds, report with intervals
     fdpo presample RECIPE [--key value ...]          DPH-RL: sample the initial policy, split D_pef/D_exp, store log π_ref
     fdpo eval CHECKPOINT --task TASK -k 1,4,16       pass@k, mean reward and diversity of a checkpoint
     fdpo tiny OUT_DIR                                build the offline tiny model + tokenizer
@@ -41,6 +42,13 @@ def _cmd_pipeline(args: argparse.Namespace, extra: list[str]) -> int:
     from fdpo.pipeline import run_pipeline
 
     run_pipeline(args.recipe, from_stage=args.from_stage, overrides=extra)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from fdpo.sweep import run_sweep
+
+    run_sweep(args.sweep, jobs=args.jobs, dry_run=args.dry_run, from_cell=args.from_cell)
     return 0
 
 
@@ -119,6 +127,7 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         seed=args.seed,
         out_json=args.out,
         data_file=args.data,
+        split=args.split,
     )
     render_eval_table(result)
     return 0
@@ -157,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on")
     p.set_defaults(func=_cmd_pipeline, allow_extra=True)
 
+    p = sub.add_parser("sweep", help="run a sweep: shared stages once, then every cell (method × grid × seed), "
+                       "then the report (run_dir/report/report.md)")
+    p.add_argument("sweep")
+    p.add_argument("--jobs", type=int, default=1, help="cells run side by side on this machine (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and what would run; run nothing")
+    p.add_argument("--from", dest="from_cell", default=None, help="rerun this cell and every later one")
+    p.set_defaults(func=_cmd_sweep)
+
     p = sub.add_parser(
         "presample",
         help="DPH-RL: sample the recipe's initial policy n times per training prompt, split D_pef/D_exp, "
@@ -188,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="eval prompts (JSONL); default: the task's held-out prompts")
+    p.add_argument("--split", default="eval", choices=["eval", "ood"],
+                   help="without --data: the task's held-out prompts (eval) or out-of-distribution ones (ood)")
     p.add_argument("--out", default=None, help="JSON output path (default: CHECKPOINT/eval_TASK.json)")
     p.set_defaults(func=_cmd_eval)
 

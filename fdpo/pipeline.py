@@ -18,7 +18,8 @@ Stage kinds: `tiny` (build the tiny model), `data` (synthetic task data), `train
 recipe; output_dir is set to the stage folder), `presample` (DPH-RL's `fdpo presample` of a GRPO
 recipe; the rehearsal store is the stage folder, so a later train stage sets
 `rehearsal_file: {from_stage: <this stage>}`), `eval` (pass@k and diversity; `kl_to: {sft: {from_stage: sft}}` adds `kl_to_sft`, the exact
-per-token KL(π‖π_sft) on the evaluated checkpoint's own samples). `--from STAGE`
+per-token KL(π‖π_sft) on the evaluated checkpoint's own samples; `split: ood` evaluates the task's
+out-of-distribution prompts instead of its held-out ones). `--from STAGE`
 reruns that stage and every later one; earlier stages are reused as they are.
 
 A stage is complete only for the spec it ran with: its fingerprint (a hash of its kind and spec, the
@@ -51,7 +52,7 @@ STAGE_KEYS = {
     "train": {"name", "kind", "recipe", "overrides", "resume"},
     "presample": {"name", "kind", "recipe", "overrides"},
     "eval": {"name", "kind", "checkpoint", "task", "ks", "num_samples", "num_prompts", "temperature",
-             "max_new_tokens", "seed", "data", "kl_to"},
+             "max_new_tokens", "seed", "data", "kl_to", "split"},
 }
 SUMMARY_JSON = "pipeline_summary.json"
 # columns of the on-screen summary (the JSON keeps every metric)
@@ -208,6 +209,7 @@ def _run_stage(stage: Stage, outputs: dict[str, Path], extra_overrides: dict[str
         out_json=str(_eval_json(stage)),
         data_file=spec.get("data"),
         kl_references=spec.get("kl_to"),
+        split=spec.get("split", "eval"),
     )
     render_eval_table(result)
     return _eval_metrics(result)

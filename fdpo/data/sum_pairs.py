@@ -15,6 +15,10 @@ Train/eval split (held out by construction, independent of any seed): there are 
 for each N the phrasings `N mod 6` and `(N + 3) mod 6` are the eval prompts and the other four
 are the train prompts. Every N and every phrasing occurs in training, but no eval prompt string
 (phrasing, N) does; with `max_n=30` that is 124 train and 62 eval prompts.
+
+Out-of-distribution split (`ood_prompts`, `fdpo eval --split ood`): targets N = max_n + 1 … max_n + 10,
+larger than any training target, in all six phrasings (difficulty 4; 60 prompts with `max_n=30`).
+It is not used by any data file: only evaluations read it (held-out retention, as DPH-RL measures).
 """
 
 from __future__ import annotations
@@ -75,6 +79,13 @@ class SumPairsTask(Task):
             for n in range(self.max_n + 1)
             for t, template in enumerate(TEMPLATES)
             if self.is_eval(t, n) == want_eval
+        ]
+
+    def ood_prompts(self) -> list[Record]:
+        return [
+            {"prompt": template.format(n=n), "target": n, "difficulty": 4, "template": t}
+            for n in range(self.max_n + 1, self.max_n + 11)
+            for t, template in enumerate(TEMPLATES)
         ]
 
     def normalize(self, completion: str) -> str | None:

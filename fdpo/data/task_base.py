@@ -22,6 +22,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
+from fdpo.errors import RecipeError
+
 Split = Literal["train", "eval"]
 Record = dict[str, Any]
 
@@ -84,6 +86,10 @@ class Task(ABC):
     @abstractmethod
     def num_answers(self, record: Record) -> int:
         """How many distinct correct answers `record` has."""
+
+    def ood_prompts(self) -> list[Record]:
+        """Out-of-distribution eval prompts (e.g. larger numbers than any training prompt); optional."""
+        raise RecipeError(f"task {self.name!r} has no out-of-distribution split ('ood'); evaluate split 'eval'.")
 
     def verifier_values(self, record: Record) -> dict[str, Any]:
         """The fields the verifier reads (what RL and eval rows carry besides the prompt)."""

@@ -103,10 +103,12 @@ def assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
-def eval_records(task: str | Task) -> list[Record]:
-    """The task's held-out eval prompts in their fixed (seed-independent) shuffled order."""
+def eval_records(task: str | Task, split: str = "eval") -> list[Record]:
+    """The task's held-out prompts of `split` ("eval", or "ood" where the task has one) in a fixed shuffled order."""
     task_obj = get_task(task)
-    records = task_obj.prompts("eval")
+    if split not in ("eval", "ood"):
+        raise RecipeError(f"{task_obj.name}: evaluation split must be 'eval' or 'ood', got {split!r}.")
+    records = task_obj.prompts("eval") if split == "eval" else task_obj.ood_prompts()
     random.Random(EVAL_ORDER_SEED).shuffle(records)
     return records
 

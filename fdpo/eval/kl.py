@@ -30,13 +30,27 @@ def kl_per_token(
     `prompt_ids[i]` / `completion_ids[i]` are the token ids of sample i (prompt rendered as for sampling).
     Both models must share the tokenizer; they run without gradients, left-padded, in batches.
     """
+    sums = kl_token_sums(model, ref_model, prompt_ids, completion_ids, pad_id=pad_id, batch_size=batch_size)
+    return sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
+
+
+def kl_token_sums(
+    model,
+    ref_model,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int = 64,
+) -> list[tuple[float, int]]:
+    """Per sample i: (Σ_t KL(π ‖ π_ref) over its completion positions, its number of completion tokens)."""
     import torch
 
     from fdpo.divergences import full_vocab_divergence, get_divergence
 
     kl = get_divergence("reverse_kl")
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out = [(0.0, 0)] * len(prompt_ids)
     rows = [i for i in range(len(prompt_ids)) if len(completion_ids[i]) > 0]
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -57,6 +71,7 @@ def kl_per_token(
             logits = model(**kwargs).logits.float()
             ref_logits = ref_model(**kwargs).logits.float()
             per_pos = full_vocab_divergence(logits, ref_logits, kl, mask=mask.to(device))
-            total += float(per_pos[mask.to(device)].sum())
-            count += int(mask.sum())
-    return total / max(count, 1)
+            per_row = torch.where(mask.to(device), per_pos.double(), 0.0).sum(dim=1).cpu()
+            for r, i in enumerate(chunk):
+                out[i] = (float(per_row[r]), len(completion_ids[i]))
+    return out
