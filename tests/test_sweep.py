@@ -19,7 +19,7 @@ from fdpo.sweep import cell_name, parse_sweep, plan, run_sweep
 from fdpo.sweep.report import REPORT_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-GRPO = ROOT / "recipes" / "tiny" / "grpo_none.yaml"
+GRPO = ROOT / "recipes" / "tiny" / "grpo" / "grpo_none.yaml"
 REPORT_FILES = ("report.md", "report.json", "pass_at_k_eval.png", "reward_vs_diversity_eval.png",
                 "kl_vs_reward_eval.png", "pass_at_k_ood.png", "reward_vs_diversity_ood.png", "kl_vs_reward_ood.png")
 
@@ -180,3 +180,18 @@ def test_killed_cell_resumes_to_the_same_result(tiny_sft_dir, tmp_path):
     a = load_file(str(train / "model.safetensors"))
     b = load_file(str(ref_dir / "run" / "cells" / "grpo-s0" / "train" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_submitit_local_launcher_runs_a_cell_through_accelerate_launch(tiny_sft_dir, tmp_path):
+    pytest.importorskip("submitit")
+    config = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
+    path = _tiny_sweep(tmp_path, tiny_sft_dir, methods={"grpo": {}}, seeds=[0], steps=1,
+                       launcher={"kind": "submitit", "cluster": "local", "accelerate_config": str(config),
+                                 "timeout_min": 10})
+    report = run_sweep(path, poll_s=0.5)
+    assert report["cells"]["complete"] == 1
+    cell = tmp_path / "run" / "cells" / "grpo-s0"
+    info = json.loads((cell / "train" / "fdpo_run_complete.json").read_text())
+    assert info["world_size"] == 2 and info["global_step"] == 1  # launched as a single run is: 2 gloo processes
+    assert "accelerate.commands.launch" in (cell / "cell.log").read_text()
+    assert list((tmp_path / "run" / "submitit").glob("*_result.pkl"))

@@ -76,3 +76,16 @@ def test_paired_difference_cancels_shared_prompt_variation_and_curves_keep_their
     assert len(curve["mean"]) == 2 and all(lo <= m <= hi for lo, m, hi in zip(curve["low"], curve["mean"], curve["high"]))
     with pytest.raises(ValueError, match="shape"):
         draws.replicates(base[:, :10])
+
+
+def test_sum_pairs_ood_split_is_beyond_every_training_target():
+    from fdpo.data.tasks import eval_records, get_task
+
+    task = get_task("sum_pairs")
+    ood = eval_records(task, "ood")
+    assert len(ood) == 60 and min(r["target"] for r in ood) > max(r["target"] for r in task.prompts("train"))
+    assert {r["prompt"] for r in ood}.isdisjoint(r["prompt"] for r in task.prompts("eval"))
+    from fdpo.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="no out-of-distribution split"):
+        eval_records("between", "ood")
