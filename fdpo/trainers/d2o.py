@@ -30,7 +30,6 @@ process (the others wait and read the cache); for very large models, produce the
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +37,15 @@ from typing import Any, ClassVar
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import is_peft_model
 from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import common_prefix_length, is_conversational
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import create_model_from_path, pad, use_adapter
+from trl.trainer.utils import create_model_from_path, pad
 
 from fdpo.data.reference_samples import SamplingSettings, load_or_generate_reference_samples, prompt_key
 from fdpo.losses.d2o import d2o_loss
 from fdpo.trainers.guards import check_finite_terms
+from fdpo.trainers.model_access import reference_forward
 
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_samples_logps", "ref_rejected_logps"})
 _TRL_DEFAULT_ALPHA_COEF = 0.5
@@ -314,15 +312,9 @@ class FD2OTrainer(DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference sequence log-probs: samples (B, K) and negatives (B,) (TRL's reference contexts)."""
-        adapter = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            adapter,
-            self.accelerator.autocast(),
+        with reference_forward(
+            self.accelerator, self.model, self.ref_model,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
         ):
             _, seq = self._forward_logps(model, inputs)
         return self._split(seq)

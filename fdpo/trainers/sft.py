@@ -23,8 +23,13 @@ no second policy forward, no (batch, seq, vocab) tensor. The reference runs its 
 reference is the starting model it is the same reference forward, and when the divergence is reverse KL
 it is the same number).
 
-Not supported with γ > 0 (clear errors): DeepSpeed ZeRO-3 and FSDP (the LM-head weights are read outside
-the model's forward), models with logit scaling or soft-capping (the chunked projection is h·Wᵀ + b),
+Sharded models (FSDP2, DeepSpeed ZeRO-3): the reference backbone runs through its wrapper's forward and the
+divergence inside the policy's (`fdpo.trainers.model_access`), so the LM heads are full there and the head's
+gradient reaches the sharded weight through FSDP's / ZeRO-3's own reduction (2-process FSDP2 test:
+tests/test_fsdp.py). LoRA: the reference is the base with the adapter named "ref" active if the model has
+one, else with every adapter disabled.
+
+Not supported with γ > 0 (clear errors): models with logit scaling or soft-capping (the chunked projection is h·Wᵀ + b),
 TRL's deprecated `label_smoothing_factor` / `compute_loss_func` paths (their loss is not the fused one).
 """
 
@@ -35,11 +40,20 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from accelerate.utils import is_peft_model
 from trl import SFTConfig, SFTTrainer
 
 from fdpo.losses.fsft_loss import fsft_loss
 from fdpo.trainers.divergence_choice import DivergenceChoice
 from fdpo.trainers.guards import check_finite_terms
+from fdpo.trainers.model_access import (
+    backbone,
+    causal_lm,
+    check_plain_head,
+    in_forward,
+    lm_head,
+    reference_forward,
+)
 
 ESTIMATORS = ("full_vocab",)
 
@@ -165,12 +179,11 @@ class FSFTTrainer(SFTTrainer):
     # ----------------------------------------------------------------------------------------------
 
     def _is_peft(self) -> bool:
-        return hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter")
+        return is_peft_model(self.accelerator.unwrap_model(self.model))
 
     def _policy_lm(self):
         """The causal-LM module that carries TRL's fused head (the PEFT base model under LoRA)."""
-        model = self.accelerator.unwrap_model(self.model)
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+        return causal_lm(self.accelerator, self.model)
 
     def _check_supported(self, config: FSFTConfig) -> None:
         what = f"divergence_coef={config.divergence_coef} (or log_kl_to_start)"
@@ -178,21 +191,7 @@ class FSFTTrainer(SFTTrainer):
             raise ValueError(
                 f"FSFTTrainer: {what} needs TRL's fused SFT loss; unset label_smoothing_factor / compute_loss_func."
             )
-        ds = self.accelerator.state.deepspeed_plugin
-        if self.is_fsdp_enabled or (ds is not None and ds.zero_stage == 3):
-            raise ValueError(
-                f"FSFTTrainer: {what} is not supported under FSDP or DeepSpeed ZeRO-3 yet (the LM-head weights are "
-                "read outside the model's forward). Use DDP or ZeRO-2, or LoRA."
-            )
-        text_config = self._policy_lm().config.get_text_config()
-        for key in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                    "logits_scaling"):
-            value = getattr(text_config, key, None)
-            if value not in (None, 1, 1.0):
-                raise ValueError(
-                    f"FSFTTrainer: {what} is not supported for models with `{key}` = {value} "
-                    f"({text_config.model_type}): the chunked divergence projects h·Wᵀ + b only."
-                )
+        check_plain_head(self._policy_lm().config, f"FSFTTrainer: {what}")
 
     def _load_reference(self, path: str | None, config: FSFTConfig):
         if not path:
@@ -220,21 +219,41 @@ class FSFTTrainer(SFTTrainer):
     # loss
     # ----------------------------------------------------------------------------------------------
 
-    def _reference_hidden(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """π_ref's final hidden states (no grad) and its LM head (weight, bias)."""
+    def _reference_hidden(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """π_ref's final hidden states (no grad): the reference model, or under LoRA the policy with the
+        "ref" adapter active or every adapter disabled (`model_access.reference_forward`)."""
         kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "output_router_logits")}
         kwargs["use_cache"] = False
-        with torch.no_grad():
-            if self.ref_model is None:  # LoRA: the base model with the adapter disabled
-                peft_model = self.accelerator.unwrap_model(self.model)
-                lm = self._policy_lm()
-                with peft_model.disable_adapter():
-                    hidden = lm.base_model(**kwargs).last_hidden_state
-            else:
-                lm = self.accelerator.unwrap_model(self.ref_model)
-                hidden = lm.base_model(**kwargs).last_hidden_state
-        head = lm.get_output_embeddings()
-        return hidden, head.weight, head.bias
+        with reference_forward(
+            self.accelerator, self.model, self.ref_model,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs, autocast=False,
+        ) as ref:
+            stack = backbone(self.accelerator, ref)
+            return in_forward(self.accelerator, ref, lambda: stack(**kwargs).last_hidden_state)
+
+    def _divergence_terms(self, nll, hidden, ref_hidden, mask, num_items_in_batch, token_logps):
+        """`fsft_loss` with both LM heads, full (run inside the policy's forward when sharded)."""
+        scale = 1.0
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            scale = float(self.accelerator.num_processes // self.get_tp_size())
+        ref = self.model if self.ref_model is None else self.ref_model
+        with lm_head(self.accelerator, self.model) as (weight, bias), lm_head(self.accelerator, ref) as (rw, rb):
+            return fsft_loss(
+                nll,
+                hidden,
+                weight,
+                ref_hidden.to(hidden.device),
+                rw.detach(),
+                mask,
+                self.fsft_divergence,
+                coef=self.divergence_coef,
+                num_items_in_batch=num_items_in_batch,
+                scale=scale,
+                lm_head_bias=bias,
+                ref_lm_head_bias=None if rb is None else rb.detach(),
+                token_logps=token_logps,
+                log_kl_to_start=self.log_kl_to_start,
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.uses_reference:
@@ -261,28 +280,12 @@ class FSFTTrainer(SFTTrainer):
                 f"FSFTTrainer: hidden states {tuple(hidden.shape[:2])} and labels {tuple(mask.shape)} do not align "
                 "(prompt-learning PEFT adapters are not supported with divergence_coef > 0)."
             )
-        ref_hidden, ref_weight, ref_bias = self._reference_hidden(inputs)
+        ref_hidden = self._reference_hidden(inputs)
         if "shift_labels" not in inputs:
             ref_hidden = ref_hidden[:, :-1]
-        head = self._policy_lm().get_output_embeddings()
-        scale = 1.0
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            scale = float(self.accelerator.num_processes // self.get_tp_size())
-        loss, metrics = fsft_loss(
-            nll,
-            hidden,
-            head.weight,
-            ref_hidden.to(hidden.device),
-            ref_weight,
-            mask,
-            self.fsft_divergence,
-            coef=self.divergence_coef,
-            num_items_in_batch=num_items_in_batch,
-            scale=scale,
-            lm_head_bias=head.bias,
-            ref_lm_head_bias=ref_bias,
-            token_logps=fused.log_probs,
-            log_kl_to_start=self.log_kl_to_start,
+        loss, metrics = in_forward(
+            self.accelerator, model, self._divergence_terms,
+            nll, hidden, ref_hidden, mask, num_items_in_batch, fused.log_probs,
         )
         if model.training:
             check_finite_terms(

@@ -23,14 +23,19 @@ it, so the saved model stays a plain causal LM): their own optimizer param group
 reloaded on resume; their gradients are averaged across processes by hand (they are outside DDP), cleared
 after each optimizer step and clipped to ``max_grad_norm`` on their own.
 
-Tested on CPU: single process, reference model (given or reloaded from disk), LoRA (reference = base with the
-adapter disabled), gradient checkpointing, resume, 2 processes (DDP, gloo: losses and learned masks equal the
-1-process run, tests/test_token_dpo_ddp.py). Not tested: FSDP (the LM head is gathered when it is a DTensor), DeepSpeed ZeRO-3 (partitioned LM head weights are not gathered: unsupported).
+Sharded models: everything that reads an LM head runs inside the policy's forward (`model_access.in_forward`), where
+FSDP2 holds the root unit's head unsharded and ZeRO-3's head is gathered (`model_access.lm_head`); the head's
+gradient reaches the shard through the wrapper's own reduction.
+
+Tested on CPU: single process, reference model (given or reloaded from disk), LoRA (reference = the "ref" adapter
+when present, else the base with the adapter disabled), gradient checkpointing, resume, 2 processes (DDP, gloo:
+losses and learned masks equal the 1-process run, tests/test_token_dpo_ddp.py), 2-process FSDP2 (losses and
+weights equal the 1-process run, tests/test_fsdp.py). ZeRO-3: the gather logic with a stand-in only
+(tests/test_model_access.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -50,11 +55,12 @@ from fdpo.losses.token_level import (
 from fdpo.losses.token_masks import MASK_TARGETS, TokenMaskNetworks, activation_mask
 from fdpo.trainers.dpo import FDPOConfig, FDPOTrainer
 from fdpo.trainers.guards import check_finite_terms
+from fdpo.trainers.model_access import check_plain_logits, in_forward, lm_head, reference_forward
+from fdpo.trainers.token_dpo_data import DECISIVE_COLUMNS, DecisiveCollator, content, decisive_token_flags
 
 OBJECTIVES = ("fdpo", "tdpo1", "tdpo2", "sparsepo")
 MASKS = ("none", "sparse", "activations")
 MASK_FILE = "fdpo_token_mask.safetensors"
-DECISIVE_COLUMNS = ("chosen_decisive", "rejected_decisive")
 _LOGPROB_CHUNK = 4096
 
 
@@ -185,54 +191,6 @@ class TokenDPOConfig(FDPOConfig):
         super().__post_init__()
 
 
-class _DecisiveCollator:
-    """TRL's preference collator plus ``decisive_mask`` (2B, T): 1 on completion tokens the data marks as
-    decisive (columns ``chosen_decisive`` / ``rejected_decisive``, per completion token), aligned with
-    ``input_ids`` (same truncation and right padding)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        out = self.inner(examples)
-        if not examples or DECISIVE_COLUMNS[0] not in examples[0]:
-            return out
-        rows = [[0] * len(e["prompt_ids"]) + list(e["chosen_decisive"]) for e in examples]
-        rows += [[0] * len(e["prompt_ids"]) + list(e["rejected_decisive"]) for e in examples]
-        max_length = getattr(self.inner, "max_length", None)
-        if max_length is not None:
-            keep_end = getattr(self.inner, "truncation_mode", "keep_start") == "keep_end"
-            rows = [r[-max_length:] if keep_end else r[:max_length] for r in rows]
-        width = out["input_ids"].shape[1]
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            mask[i, : len(r)] = torch.tensor(r[:width], dtype=torch.long)
-        out["decisive_mask"] = mask
-        return out
-
-
-def _content(message: Any) -> str:
-    if isinstance(message, str):
-        return message
-    return "".join(m["content"] for m in message if m.get("role") == "assistant")
-
-
-def decisive_token_flags(
-    tokenizer: Any, completion_ids: list[int], content: str, spans: list[list[int]]
-) -> list[int]:
-    """1 for each completion token whose decoded characters overlap a decisive ``[start, end)`` span of
-    ``content`` (the completion text); all 0 when the content cannot be located in the decoded tokens."""
-    decoded = [tokenizer.decode(completion_ids[:k]) for k in range(len(completion_ids) + 1)]
-    offset = decoded[-1].find(content)
-    if offset < 0 or not spans:
-        return [0] * len(completion_ids)
-    flags = []
-    for k in range(len(completion_ids)):
-        a, b = len(decoded[k]), len(decoded[k + 1])
-        flags.append(int(any(a < offset + e and b > offset + s for s, e in spans)))
-    return flags
-
-
 class _ZeroMaskGradients(TrainerCallback):
     """The Trainer zeroes only the model's gradients after each optimizer step; the mask networks live beside
     the model, so their gradients are cleared here (else they would accumulate across steps)."""
@@ -270,7 +228,7 @@ class TokenDPOTrainer(FDPOTrainer):
                 targets=config.mask_targets,
             ).to(self.accelerator.device)
             self.add_callback(_ZeroMaskGradients(self.token_masks))
-        self.data_collator = _DecisiveCollator(self.data_collator)
+        self.data_collator = DecisiveCollator(self.data_collator)
 
     # ------------------------------------------------------------------ data: decisive spans → tokens
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -285,7 +243,7 @@ class TokenDPOTrainer(FDPOTrainer):
                 f"{side}_decisive": decisive_token_flags(
                     tokenizer,
                     example[f"{side}_ids"],
-                    _content(example[side]),
+                    content(example[side]),
                     example[f"{side}_decisive_spans"],
                 )
                 for side in ("chosen", "rejected")
@@ -356,23 +314,6 @@ class TokenDPOTrainer(FDPOTrainer):
         return loss
 
     # ------------------------------------------------------------------ forward passes
-    def _reference_context(self):
-        from trl.models.utils import disable_gradient_checkpointing
-        from trl.trainer.utils import use_adapter
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.no_grad())
-        stack.enter_context(
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
-        )
-        if self.ref_model is None:  # PEFT: the base with the adapter disabled
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            stack.enter_context(
-                use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-            )
-        stack.enter_context(self.accelerator.autocast())
-        return stack
-
     @staticmethod
     def _activation_hooks(model: torch.nn.Module, store: dict[str, list[torch.Tensor]]) -> list[Any]:
         """Forward hooks collecting the feature-mean of each layer's MLP and attention outputs."""
@@ -393,38 +334,6 @@ class TokenDPOTrainer(FDPOTrainer):
             handles.append(module.register_forward_hook(hook))
         return handles
 
-    def _lm_head(self, model: torch.nn.Module):
-        unwrapped = self.accelerator.unwrap_model(model)
-        base = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
-        head = base.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        try:  # FSDP2 shards parameters as DTensors; the chunked projections need the full head (as TRL's head does)
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover
-            return weight, bias
-        if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
-        return weight, bias
-
-    def _check_hidden(self, outputs: Any, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Once: the last hidden state projected by the LM head must give the model's own last logits
-        (fails for models with logit soft-capping or scaling, which this path does not apply)."""
-        if self._checked_hidden:
-            return
-        with torch.no_grad():
-            h = outputs.hidden_states[-1][:, -1].to(weight.dtype)
-            mine = torch.nn.functional.linear(h, weight, bias).float()
-            theirs = outputs.logits[:, -1].float()
-            if not torch.allclose(
-                mine, theirs, rtol=1e-2, atol=1e-2 * float(theirs.abs().max().clamp_min(1))
-            ):
-                raise NotImplementedError(
-                    "TokenDPOTrainer: this model's logits are not `lm_head(last hidden state)` (logit scaling or "
-                    "soft-capping); token-level objectives do not support it yet."
-                )
-        self._checked_hidden = True
-
     def _token_logps(self, hidden: torch.Tensor, weight, bias, targets: torch.Tensor, stats: bool):
         from trl.kernels import ChunkedLogProbFunction
 
@@ -432,6 +341,42 @@ class TokenDPOTrainer(FDPOTrainer):
         return ChunkedLogProbFunction.apply(
             hidden, weight, bias, targets, 1.0, _LOGPROB_CHUNK, None, 1.0, outputs
         )
+
+    def _head_terms(self, model, ref_model, outputs, ref_out, targets, shift_mask):
+        """Everything that reads an LM head: log π(y_t) (with TRL's entropy/mean-logit/top-1 statistics), log π_ref(y_t),
+        the per-token divergence over the full vocabulary, and (MaPO) the reference's mean logit per position
+        (h · mean_v(W) + mean b: no logits needed). Run through `model_access.in_forward` (sharded heads)."""
+        args: TokenDPOConfig = self.args
+        acc = self.accelerator
+        with lm_head(acc, model) as (weight, bias), lm_head(acc, ref_model) as (ref_weight, ref_bias):
+            if not self._checked_hidden:
+                check_plain_logits(
+                    outputs.hidden_states[-1][:, -1], outputs.logits[:, -1], weight, bias, "TokenDPOTrainer"
+                )
+                self._checked_hidden = True
+            hidden = outputs.hidden_states[-1][:, :-1][shift_mask]
+            logps, entropy, _, mean_logits, is_top1 = self._token_logps(hidden, weight, bias, targets, True)
+            ref_hidden = ref_out.hidden_states[-1][:, :-1][shift_mask]
+            with torch.no_grad():
+                (ref_logps, *_) = self._token_logps(ref_hidden, ref_weight, ref_bias, targets, False)
+            kl = sequential_divergence_from_hidden(
+                hidden,
+                weight,
+                ref_hidden,
+                ref_weight,
+                torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device),
+                args.token_divergence,
+                lm_head_bias=bias,
+                ref_lm_head_bias=ref_bias,
+                chunk_size=args.kl_chunk_size,
+            )
+            logit_mean = None
+            if args.mask == "activations":
+                with torch.no_grad():
+                    logit_mean = ref_out.hidden_states[-1][:, :-1].float() @ ref_weight.float().mean(dim=0)
+                    if ref_bias is not None:
+                        logit_mean = logit_mean + ref_bias.float().mean()
+        return logps, entropy, mean_logits, is_top1, ref_logps, kl, logit_mean
 
     def _compute_loss(self, model, inputs, return_outputs):
         if self.token_objective == "fdpo":
@@ -446,43 +391,29 @@ class TokenDPOTrainer(FDPOTrainer):
 
         # policy: one forward, final hidden states only (no full logits)
         outputs = model(**model_kwargs, output_hidden_states=True, logits_to_keep=1)
-        weight, bias = self._lm_head(model)
-        self._check_hidden(outputs, weight, bias)
-        hidden = outputs.hidden_states[-1][:, :-1][shift_mask]
-        logps, entropy, _, mean_logits, is_top1 = self._token_logps(hidden, weight, bias, targets, True)
-
-        # reference: one forward, no grad
-        ref_model = self.model if self.ref_model is None else self.ref_model
+        # reference: one forward, no grad (the reference model, or the PEFT "ref" adapter / adapter-free base)
         store: dict[str, list[torch.Tensor]] = {}
+        ref_model = self.model if self.ref_model is None else self.ref_model
         handles = self._activation_hooks(ref_model, store) if args.mask == "activations" else []
         try:
-            with self._reference_context():
-                ref_out = ref_model(**model_kwargs, output_hidden_states=True, logits_to_keep=1)
+            with reference_forward(
+                self.accelerator, self.model, self.ref_model,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as ref:
+                ref_out = ref(**model_kwargs, output_hidden_states=True, logits_to_keep=1)
         finally:
             for h in handles:
                 h.remove()
-        ref_weight, ref_bias = self._lm_head(ref_model)
-        ref_hidden = ref_out.hidden_states[-1][:, :-1][shift_mask]
-        with torch.no_grad():
-            (ref_logps, *_) = self._token_logps(ref_hidden, ref_weight, ref_bias, targets, False)
+        # everything that reads an LM head runs inside the policy's forward when the model is sharded
+        logps, entropy, mean_logits, is_top1, ref_logps, kl_rows, logit_mean = in_forward(
+            self.accelerator, model, self._head_terms, model, ref_model, outputs, ref_out, targets, shift_mask
+        )
 
         def scatter(values: torch.Tensor) -> torch.Tensor:
             return values.new_zeros(shift_mask.shape).masked_scatter(shift_mask, values)
 
         rewards = token_rewards(scatter(logps), scatter(ref_logps), shift_mask)
-        kl = scatter(
-            sequential_divergence_from_hidden(
-                hidden,
-                weight,
-                ref_hidden,
-                ref_weight,
-                torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device),
-                args.token_divergence,
-                lm_head_bias=bias,
-                ref_lm_head_bias=ref_bias,
-                chunk_size=args.kl_chunk_size,
-            )
-        )
+        kl = scatter(kl_rows)
 
         masks: dict[str, torch.Tensor] = {}
         if args.mask == "sparse":
@@ -492,11 +423,6 @@ class TokenDPOTrainer(FDPOTrainer):
             with torch.no_grad():
                 acts = {k: [a[:, :-1] for a in v] for k, v in store.items()}
                 acts["residual"] = [h[:, :-1].float().mean(dim=-1) for h in ref_out.hidden_states[1:]]
-                # mean logit over the vocabulary = h · mean_v(W) (+ mean b): no logits needed
-                w_mean = ref_weight.float().mean(dim=0)
-                logit_mean = ref_out.hidden_states[-1][:, :-1].float() @ w_mean
-                if ref_bias is not None:
-                    logit_mean = logit_mean + ref_bias.float().mean()
                 acts["logits"] = [logit_mean]
                 m = activation_mask(acts, shift_mask)
             masks = {"reward": m, "kl": m}
