@@ -103,7 +103,7 @@ def build_models(root: Path, which: list[str]) -> dict[str, Path]:
     return {k: v for k, v in out.items() if k in which}
 
 
-def build_trainer(variant: str, model_dir: Path, data, batch: int, out: str):
+def build_trainer(variant: str, model_dir: Path, data, batch: int, out: str, divergence: str = "reverse_kl"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -116,7 +116,7 @@ def build_trainer(variant: str, model_dir: Path, data, batch: int, out: str):
     elif variant == "fdpo":
         from fdpo.trainers.dpo import FDPOConfig, FDPOTrainer
 
-        cls, args = FDPOTrainer, FDPOConfig(divergence="reverse_kl", **kw)
+        cls, args = FDPOTrainer, FDPOConfig(divergence=divergence, **kw)
     else:
         from fdpo.trainers.token_dpo import TokenDPOConfig, TokenDPOTrainer
 

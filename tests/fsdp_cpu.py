@@ -9,12 +9,16 @@ root, the yaml's reshard/state-dict settings) and fdpo's trainers.
 
     accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no \
         tests/fsdp_cpu.py train RECIPE [--key value ...]
+
+GRPO rollouts go through tests/ddp_sampling.py (imported here), so a 2-process run samples what a 1-process
+run of the same global batch samples.
 """
 
 from __future__ import annotations
 
 import sys
 
+import ddp_sampling  # noqa: F401  (tests/ is this script's folder: rank-invariant rollouts for GRPO, as in the DDP tests)
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from transformers import Trainer

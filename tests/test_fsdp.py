@@ -5,8 +5,7 @@ fp32 here: `--mixed_precision no`), through `tests/fsdp_cpu.py`, which restores 
 makes differently on a CPU (it drops the FSDP plugin there); everything else is accelerate's FSDP2
 preparation (`fully_shard` per decoder layer, then the root, `reshard_after_forward: true`) and fdpo's code.
 
-For each objective whose LM head is read outside the head's own forward (f-SFT with γ > 0, SparsePO's
-per-token KL, GRPO's `estimator: full_vocab`) and for plain SFT and f-DPO: the per-step losses and
+For f-SFT with γ > 0 (its LM head is read outside the head's own forward) and for plain SFT: the per-step losses and
 the trained weights equal the 1-process run's (float tolerance), and the weights moved (so the
 comparison is not vacuous). The tiny model ties its embedding and LM head, so the head's gradient
 combines the embedding's (inside the forward) with the divergence's (through `model_access.in_forward`).
@@ -34,7 +33,7 @@ def _train(world: int, recipe: Path, args: list[str], out: Path, port: int) -> d
             "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
             "--per_device_train_batch_size", str(GLOBAL_BATCH // world)]
     if world == 1:
-        launch = [sys.executable, "-m", "fdpo"]
+        launch = [sys.executable, "-m", "tests.ddp_sampling"]  # fdpo's CLI; rank-invariant GRPO rollouts
     else:
         launch = [sys.executable, "-m", "accelerate.commands.launch",
                   "--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
@@ -84,25 +83,28 @@ def test_fsdp_fsft_gamma(tiny_model_dir, task_data_dir, tmp_path):
             "--divergence", "js", "--divergence_coef", "5.0", "--learning_rate", "0.1", "--optim", "sgd"]
     # `loss` is TRL's global token mean; `grad_norm` at step 2 includes the divergence's gradient (0 at step 1,
     # π = π_ref); the logged div/nll are per-rank token means averaged over ranks, so they are not compared
-    compared = _compare(tmp_path, RECIPES / "sft.yaml", args, 29641, ("grad_norm",), tiny_model_dir)
+    compared = _compare(tmp_path, RECIPES / "sft" / "sft.yaml", args, 29641, ("grad_norm",), tiny_model_dir)
     assert "grad_norm" in compared, compared
 
 
 def test_fsdp_plain_sft(tiny_model_dir, task_data_dir, tmp_path):
     args = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(task_data_dir / "sft.jsonl"),
             "--learning_rate", "1e-2"]
-    _compare(tmp_path, RECIPES / "sft.yaml", args, 29642, ("grad_norm",), tiny_model_dir)
+    _compare(tmp_path, RECIPES / "sft" / "sft.yaml", args, 29642, ("grad_norm",), tiny_model_dir)
 
 
-def test_fsdp_sparsepo(tiny_sft_dir, task_data_dir, tmp_path):
-    args = ["--model_name_or_path", str(tiny_sft_dir), "--dataset_name", str(task_data_dir / "preference.jsonl"),
-            "--learning_rate", "1e-3"]
-    compared = _compare(tmp_path, RECIPES / "sparsepo_common.yaml", args, 29643, ("grad_norm", "div/", "rewards/", "logps/"),
-                        tiny_sft_dir)
-    assert any(k.startswith("div/") for k in compared), compared
-
-
-def test_fsdp_fdpo(tiny_sft_dir, task_data_dir, tmp_path):
-    args = ["--model_name_or_path", str(tiny_sft_dir), "--dataset_name", str(task_data_dir / "preference.jsonl"),
-            "--divergence", "js", "--learning_rate", "1e-3", "--precompute_ref_log_probs", "false"]
-    _compare(tmp_path, RECIPES / "dpo_reverse_kl.yaml", args, 29644, ("grad_norm", "rewards/", "logps/"), tiny_sft_dir)
+def test_fsdp_grpo_full_vocab_is_refused_clearly(tiny_sft_dir, task_data_dir, tmp_path):
+    """Not lifted yet: inside the redirected forward the GRPO loss still sees a DTensor head (under
+    investigation), so FGRPOTrainer refuses `estimator: full_vocab` under FSDP with the key named."""
+    args = ["--model_name_or_path", str(tiny_sft_dir), "--dataset_name", str(task_data_dir / "rl.jsonl"),
+            "--num_generations", "4", "--max_completion_length", "8", "--eval_task", "null",
+            "--divergence_coef", "0.5", "--output_dir", str(tmp_path / "grpo"), "--max_steps", "1",
+            "--per_device_train_batch_size", "4"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch",
+              "--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
+              "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29645",
+              str(REPO / "tests" / "fsdp_cpu.py"), "train", str(RECIPES / "grpo" / "grpo_full_vocab.yaml"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "key 'estimator' = 'full_vocab' is not supported under FSDP" in proc.stdout + proc.stderr

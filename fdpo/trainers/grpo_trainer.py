@@ -32,13 +32,10 @@ so every estimator regularises D_f between the temperature-scaled distributions 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, ClassVar
 
 import torch
-from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
-from trl.trainer.utils import use_adapter
 
 from fdpo.divergences import full_vocab_divergence_from_hidden
 from fdpo.losses.chi2 import chi2_penalty
@@ -48,18 +45,19 @@ from fdpo.losses.fdpg import FDPGState, fdpg_loss
 from fdpo.losses.grpo_penalty import ESTIMATORS, group_advantages, per_token_penalty, sequence_k1
 from fdpo.trainers.grpo_config import FGRPOConfig
 from fdpo.trainers.guards import check_finite_terms
+from fdpo.trainers.model_access import (
+    backbone,
+    check_plain_head,
+    in_forward,
+    lm_head,
+    reference_forward,
+    sharding,
+)
 
 __all__ = ["FGRPOConfig", "FGRPOTrainer"]
 
 
 TOKEN_MEAN_METRICS = ("rehearsal/loss", "rehearsal/logratio_mean")  # rehearsal_loss metrics that are token means
-
-
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack whose `last_hidden_state` TRL's fused LM head projects."""
-    if is_peft_model(model):
-        model = model.get_base_model()
-    return model.base_model
 
 
 class FGRPOTrainer(GRPOTrainer):
@@ -203,49 +201,33 @@ class FGRPOTrainer(GRPOTrainer):
         return self.ref_model is not None
 
     def _check_full_vocab_model(self) -> None:
-        ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if self.is_fsdp_enabled or (self.is_deepspeed_enabled and getattr(ds_plugin, "zero_stage", 0) == 3):
+        if sharding(self.accelerator) is not None:  # tests/test_fsdp.py: the head is still a DTensor in the loss
             raise ValueError(
-                "key 'estimator' = 'full_vocab' reads the LM-head weights outside the model's forward, which FSDP and "
-                "DeepSpeed ZeRO-3 shard; use `estimator: generator` (unbiased, any f) or ZeRO-2 / DDP."
+                "key 'estimator' = 'full_vocab' is not supported under FSDP or DeepSpeed ZeRO-3 yet (the LM head "
+                "is still sharded where the GRPO loss reads it); use `estimator: generator` (unbiased, any f) or "
+                "ZeRO-2 / DDP."
             )
-        cfg = self.accelerator.unwrap_model(self.model).config.get_text_config()
-        scale = next(
-            (getattr(cfg, k) for k in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-             if getattr(cfg, k, None) is not None),
-            None,
+        check_plain_head(
+            self.accelerator.unwrap_model(self.model).config,
+            "key 'estimator' = 'full_vocab' (use `estimator: generator` instead)",
         )
-        if getattr(cfg, "final_logit_softcapping", None) is not None or scale not in (None, 1, 1.0):
-            raise ValueError(
-                "key 'estimator' = 'full_vocab' projects hidden states through the LM head itself and does not "
-                "support logit soft-capping or logit scaling; use `estimator: generator`."
-            )
-
-    @contextlib.contextmanager
-    def _reference_context(self):
-        """(module whose backbone is the reference, context manager that makes it the reference)."""
-        if self.ref_model is not None:
-            yield self.accelerator.unwrap_model(self.ref_model)
-            return
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if not is_peft_model(unwrapped):
-            raise RuntimeError("FGRPOTrainer: a reference is needed but neither a ref_model nor a PEFT base exists")
-        with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-            yield unwrapped
 
     @torch.no_grad()
     def _reference_hidden_states(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """Final hidden states of the reference at the positions predicting each completion token (B, C, H)."""
+        """Final hidden states of the reference at the positions predicting each completion token (B, C, H):
+        the reference model, or the PEFT "ref" adapter / adapter-free base (`model_access.reference_forward`);
+        through the wrapper's forward when the model is sharded."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         c = inputs["completion_ids"].size(1)
         bs = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
         out = []
-        with self._reference_context() as ref:
-            backbone = _backbone(ref)
+        with reference_forward(self.accelerator, self.model_wrapped, self.ref_model, autocast=False) as ref:
+            stack = backbone(self.accelerator, ref)
             for start in range(0, input_ids.size(0), bs):
                 with self.accelerator.autocast():
-                    h = backbone(
+                    h = in_forward(
+                        self.accelerator, ref, stack,
                         input_ids=input_ids[start : start + bs],
                         attention_mask=attention_mask[start : start + bs],
                         use_cache=False,
@@ -253,13 +235,24 @@ class FGRPOTrainer(GRPOTrainer):
                 out.append(h[:, -c - 1 : -1])
         return torch.cat(out, dim=0)
 
-    def _reference_lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.ref_model is not None:
-            head = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings()
-        else:
-            head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
-        bias = None if head.bias is None else head.bias.detach()
-        return head.weight.detach(), bias
+    def _full_vocab_value(self, inputs: dict[str, Any], weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Σ w·D_f over the full vocabulary from both models' hidden states (inside the policy's forward when sharded)."""
+        ref = self.model_wrapped if self.ref_model is None else self.ref_model
+        with lm_head(self.accelerator, self.model_wrapped) as (w, b), lm_head(self.accelerator, ref) as (rw, rb):
+            return full_vocab_divergence_from_hidden(
+                self._fdpo_capture["hidden"],
+                w,
+                inputs["fdpo_ref_hidden"],
+                rw.detach(),
+                self.fdpo_divergence,
+                mask.bool(),
+                lm_head_bias=b,
+                ref_lm_head_bias=None if rb is None else rb.detach(),
+                chunk_size=self.args.full_vocab_chunk_size,
+                temperature=self.temperature,
+                reduction="sum",
+                weights=weights,
+            )
 
     # ------------------------------------------------------------------ generation side
 
@@ -372,8 +365,7 @@ class FGRPOTrainer(GRPOTrainer):
         handle = None
         if self._fdpo_ref_hidden:
             hiddens: list[torch.Tensor] = []
-            backbone = _backbone(self.accelerator.unwrap_model(model))
-            handle = backbone.register_forward_hook(lambda _m, _i, out: hiddens.append(out.last_hidden_state))
+            handle = backbone(self.accelerator, model).register_forward_hook(lambda _m, _i, out: hiddens.append(out.last_hidden_state))
         try:
             result = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
@@ -411,22 +403,7 @@ class FGRPOTrainer(GRPOTrainer):
         logps = self._fdpo_capture["logps"]
         est = self.args.estimator
         if est == "full_vocab":
-            head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
-            ref_w, ref_b = self._reference_lm_head()
-            value = full_vocab_divergence_from_hidden(
-                self._fdpo_capture["hidden"],
-                head.weight,
-                inputs["fdpo_ref_hidden"],
-                ref_w,
-                self.fdpo_divergence,
-                mask.bool(),
-                lm_head_bias=head.bias,
-                ref_lm_head_bias=ref_b,
-                chunk_size=self.args.full_vocab_chunk_size,
-                temperature=self.temperature,
-                reduction="sum",
-                weights=weights,
-            )
+            value = in_forward(self.accelerator, self.model_wrapped, self._full_vocab_value, inputs, weights, mask)
         else:
             per_token = per_token_penalty(
                 est, self.fdpo_divergence, logps, inputs["ref_per_token_logps"], inputs.get("old_per_token_logps")

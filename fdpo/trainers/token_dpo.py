@@ -29,9 +29,9 @@ gradient reaches the shard through the wrapper's own reduction.
 
 Tested on CPU: single process, reference model (given or reloaded from disk), LoRA (reference = the "ref" adapter
 when present, else the base with the adapter disabled), gradient checkpointing, resume, 2 processes (DDP, gloo:
-losses and learned masks equal the 1-process run, tests/test_token_dpo_ddp.py), 2-process FSDP2 (losses and
-weights equal the 1-process run, tests/test_fsdp.py). ZeRO-3: the gather logic with a stand-in only
-(tests/test_model_access.py).
+losses and learned masks equal the 1-process run, tests/test_token_dpo_ddp.py). FSDP2 (2 CPU ranks): SparsePO with learned masks fails in
+accelerate's FSDP2 optimizer switch (the mask parameters live beside the model); not yet supported. ZeRO-3: the
+LM-head gather logic with a stand-in only (tests/test_model_access.py).
 """
 
 from __future__ import annotations
