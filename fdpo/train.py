@@ -192,6 +192,8 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
             logger.info("%s: the run is already complete (step %s); nothing to do", out_dir,
                         plan.previous_metrics.get("global_step"))
             return {**plan.previous_metrics, "already_complete": True}
+        if is_main and plan.checkpoint is not None:
+            (out_dir / RUN_MARKER).unlink(missing_ok=True)  # a run extended past its end is incomplete until it ends
         with torch_threads(threads), unpreventable_warnings_filtered():
             return _run_training(recipe, text, plan)
 

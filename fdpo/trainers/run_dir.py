@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from fdpo.data.rehearsal import DEFAULT_SUBDIR as REHEARSAL_SUBDIR
 from fdpo.errors import RunDirError
 from fdpo.trainers.checkpoints import (
     QUARANTINE_PREFIX,
@@ -139,9 +140,12 @@ def read_resolved(folder: Path) -> dict[str, Any] | None:
 
 
 def _contents(out_dir: Path) -> list[Path]:
+    """What `out_dir` holds besides fdpo's own lock files and the DPH-RL store that `fdpo presample`
+    writes there by default (`<output_dir>/dph`, made before the run it feeds)."""
     if not out_dir.is_dir():
         return []
-    return sorted(p for p in out_dir.iterdir() if p.name not in _OWN_FILES)
+    return sorted(p for p in out_dir.iterdir() if p.name not in _OWN_FILES
+                  and not (p.name == REHEARSAL_SUBDIR and p.is_dir()))
 
 
 def clear_run_dir(out_dir: Path) -> None:
@@ -189,6 +193,18 @@ def check_explicit_checkpoint(path_text: str) -> Path:
     return path
 
 
+def _extends(saved: dict[str, Any] | None, resolved: dict[str, Any]) -> bool:
+    """A complete run resumed with `max_steps`/`num_train_epochs` raised (and nothing unsafe changed)
+    continues from its last checkpoint instead of being "already complete"."""
+    if saved is None:
+        return False
+    diffs = recipe_differences(saved, resolved)
+    if unsafe_differences(diffs):
+        return False
+    return any(key in UPWARD_ON_RESUME and isinstance(old, int | float) and isinstance(new, int | float)
+               and new > old for key, (old, new) in diffs.items())
+
+
 def _refuse_changed(where: str, unsafe: dict[str, tuple[Any, Any]]) -> None:
     raise RunDirError(
         f"{where} was written by a different recipe: {_fmt_diffs(unsafe)}. Resuming would continue that run under "
@@ -230,7 +246,7 @@ def plan_run(out_dir: Path, resolved: dict[str, Any], *, resume: bool, overwrite
             f"output_dir {out_dir} already holds {state} of this recipe. Pass --resume to continue it (a complete "
             "run stays as it is), or --overwrite to start it over."
         )
-    if (out_dir / RUN_MARKER).is_file() and explicit_ckpt is None:
+    if (out_dir / RUN_MARKER).is_file() and explicit_ckpt is None and not _extends(saved, resolved):
         if saved is not None and (unsafe := unsafe_differences(recipe_differences(saved, resolved))):
             _refuse_changed(f"the complete run in {out_dir}", unsafe)
         try:
