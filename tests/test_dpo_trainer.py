@@ -114,7 +114,7 @@ def _train(tiny_dir: Path, out: Path, *, steps: int = 3, peft: bool = False, **c
         missing = FDPO_METRICS - set(h)
         assert not missing, missing
         div = [k for k in h if k.startswith("div/")]
-        assert div == [f"div/{trainer.fdpo_score.label}"], div
+        assert div == [f"div/{trainer.f_dpo_score.label}"], div
         assert math.isfinite(h[div[0]])
     return logs
 
@@ -195,7 +195,7 @@ CASES = [
 def test_trainer_loss_equals_trl_trainer_loss(trainers, case):
     trl, ours = trainers
     name, params, f_type, coef, loss_types, weights, extra = case
-    ours.fdpo_score = FDPOScore(name, **params)
+    ours.f_dpo_score = FDPOScore(name, **params)
     trl.f_divergence_type, trl.f_alpha_divergence_coef = f_type, coef
     for t in (trl, ours):
         t.loss_types, t.loss_weights, t.beta, t.label_smoothing = loss_types, weights, 0.4, 0.1
@@ -213,18 +213,18 @@ def test_trainer_loss_equals_trl_trainer_loss(trainers, case):
     theirs, mine = trl._metrics["train"], ours._metrics["train"]
     for key in theirs:  # every metric TRL logs, fdpo logs with the same value
         assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
-    assert f"div/{ours.fdpo_score.label}" in mine and "scores/margins" in mine
+    assert f"div/{ours.f_dpo_score.label}" in mine and "scores/margins" in mine
 
 
 def test_non_finite_loss_stops_with_step_and_term(trainers):
     from fdpo.trainers.guards import NonFiniteError
 
     _, ours = trainers
-    ours.fdpo_score = FDPOScore("js")
+    ours.f_dpo_score = FDPOScore("js")
     ours.loss_types, ours.loss_weights, ours.ld_alpha, ours.use_weighting = ["sigmoid"], [1.0], None, False
     inputs, per_token = fake_batch(2, 8, seed=0)
     per_token[0, -1] = float("nan")
-    with pytest.raises(NonFiniteError, match="step 1: the loss term 'fdpo_sigmoid'"):
+    with pytest.raises(NonFiniteError, match="step 1: the loss term 'f_dpo_sigmoid'"):
         ours._compute_loss(FakePolicy(per_token), inputs, False)
 
 

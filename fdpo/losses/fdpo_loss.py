@@ -9,15 +9,31 @@ u = e^ℓ, the f-DPO implicit reward of a completion is β·f′(u). The loss of
 
     Δ = s(ℓ_w) − s(ℓ_l),        s(ℓ) = c_f · (f′(e^ℓ) − f′(1)),
 
-exactly as TRL 1.16 defines its DPO losses on the "logits" βΔ (TRL only for four divergences):
+exactly as TRL 1.16 defines its DPO losses on the "logits" βΔ (TRL only for four divergences). Every TRL 1.16
+`loss_type` is here; with reverse KL (s = ℓ) each equals TRL's. Built on the score difference, so any
+f-DPO-valid divergence (`SCORE_LOSS_TYPES`, TRL's `f_divergence_type` set):
 
-    sigmoid : −log σ(βΔ)                                         (f-DPO)
-    hinge   : max(0, 1 − βΔ)                                     (SLiC)
-    ipo     : (s(ℓ_w)/n_w − s(ℓ_l)/n_l − 1/(2β))²                 (IPO eq. 17; n = completion length,
-              the per-token normalisation TRL 1.16 applies; pass no lengths for the paper's n = 1)
-    robust  : [−(1−ε) log σ(βΔ) + ε log σ(−βΔ)] / (1 − 2ε)       (rDPO, ε = label_smoothing)
+    sigmoid      : −log σ(βΔ)                                     (f-DPO)
+    hinge        : max(0, 1 − βΔ)                                 (SLiC)
+    ipo          : (s(ℓ_w)/n_w − s(ℓ_l)/n_l − 1/(2β))²             (IPO eq. 17; n = completion length,
+                   the per-token normalisation TRL 1.16 applies; pass no lengths for the paper's n = 1)
+    sigmoid_norm : −log σ(β(s(ℓ_w)/n_w − s(ℓ_l)/n_l))
+    robust       : [−(1−ε) log σ(βΔ) + ε log σ(−βΔ)] / (1 − 2ε)   (rDPO, ε = label_smoothing)
+    exo_pair     : σ(βΔ)(log σ(βΔ) − log(1−ε)) + σ(−βΔ)(log σ(−βΔ) − log ε)   (EXO eq. 16)
+    discopop     : −log σ(βΔ)·(1 − m) + e^{−βΔ}·m,  m = σ(βΔ/τ)   (DiscoPOP eq. 5, τ = discopop_tau)
+    sft          : token mean of −log π over the chosen completions (no reference term)
 
-As in TRL 1.16, `label_smoothing` only enters the robust loss.
+Built on ℓ_w, ℓ_l themselves, reverse KL only (`LOG_RATIO_LOSS_TYPES`; the partition term β·log Z(x) of the
+f-divergence reparameterisation only cancels in a difference, which is why TRL rejects these too):
+
+    nca_pair     : −log σ(βℓ_w) − ½ log σ(−βℓ_w) − ½ log σ(−βℓ_l)
+    bco_pair     : −log σ(βℓ_w) − log σ(−βℓ_l)
+    sppo_hard    : (ℓ_w − 1/(2β))² + (ℓ_l + 1/(2β))²
+    aot          : −(1−ε) log σ(βδ) − ε log σ(−βδ),  δ = sort(log π_w − log π_l) − sort(log π_ref,w − log π_ref,l)
+    aot_unpaired : the same with δ = sort(ℓ_w) − sort(ℓ_l)      (sorts over the batch)
+    apo_zero     : 1 − σ(βℓ_w) + σ(βℓ_l);   apo_down : σ(βℓ_w) + 1 − σ(β(ℓ_w − ℓ_l))
+
+As in TRL 1.16, `label_smoothing` only enters robust, exo_pair and the aot losses.
 
 Why `f′(e^ℓ) − f′(1)`: D_f is unchanged by f → f + k(u − 1), which shifts f′ by k; subtracting f′(1)
 makes every score independent of that choice (s(0) = 0). The constant cancels in Δ for sigmoid, hinge
@@ -63,7 +79,13 @@ import torch.nn.functional as F
 
 from fdpo.divergences import Divergence, f_dpo_valid_divergences, resolve_divergence
 
-LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "robust")
+SCORE_LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"
+)  # TRL 1.16's `f_divergence_type`-capable set
+LOG_RATIO_LOSS_TYPES: tuple[str, ...] = (
+    "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down"
+)
+LOSS_TYPES: tuple[str, ...] = SCORE_LOSS_TYPES + LOG_RATIO_LOSS_TYPES
 DEFAULT_SCORE_CAP = 1e10
 
 _SEARCH_BOUND = 1e6  # |ℓ| beyond which no threshold is searched (the registry caps |ℓ| there too)
@@ -126,6 +148,8 @@ class FDPOScore:
         self.score_cap = float(score_cap)
         self.scale = float(d.fdpo_score_scale)
         self.offset = _f_prime64(d, 0.0)  # f′(1)
+        # reverse KL: s(ℓ) = ℓ exactly (standard DPO), not ℓ + 1 − 1 rounded
+        self.identity = d.canonical == "reverse_kl" and self.scale == 1.0
         self.lo, self.s_lo, self.slope_lo = self._threshold(-1.0)
         self.hi, self.s_hi, self.slope_hi = self._threshold(+1.0)
 
@@ -172,6 +196,8 @@ class FDPOScore:
     def __call__(self, logr: torch.Tensor) -> torch.Tensor:
         """Scores of sequence log-ratios `logr` (any shape), in `logr`'s dtype promoted to ≥ fp32."""
         x = logr.to(torch.promote_types(logr.dtype, torch.float32))
+        if self.identity:
+            return x
         out = self._exact(x.clamp(min=self.lo, max=self.hi))
         if math.isfinite(self.lo):
             out = torch.where(x < self.lo, self.s_lo + self.slope_lo * (x - self.lo), out)
@@ -187,6 +213,99 @@ def _standardised_f(d: Divergence, logr: torch.Tensor) -> torch.Tensor:
         return d.f_normalized(x)
 
 
+def _per_token_mean(score: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """s/n with n the completion length clamped to ≥ 1 (TRL's per-token normalisation); s when no lengths."""
+    return score if lengths is None else score / lengths.to(score.dtype).clamp(min=1.0)
+
+
+def _score_loss(
+    loss_type: str,
+    s_w: torch.Tensor,
+    s_l: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float,
+    chosen_lengths: torch.Tensor | None,
+    rejected_lengths: torch.Tensor | None,
+    discopop_tau: float,
+) -> torch.Tensor:
+    """The losses of `SCORE_LOSS_TYPES` (except `sft`) on the scores s_w = s(ℓ_w), s_l = s(ℓ_l)."""
+    logits = beta * (s_w - s_l)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(logits)
+    if loss_type == "hinge":
+        return torch.relu(1.0 - logits)
+    if loss_type == "ipo":
+        margin = _per_token_mean(s_w, chosen_lengths) - _per_token_mean(s_l, rejected_lengths)
+        return (margin - 1.0 / (2.0 * beta)) ** 2
+    if loss_type == "sigmoid_norm":
+        margin = _per_token_mean(s_w, chosen_lengths) - _per_token_mean(s_l, rejected_lengths)
+        return -F.logsigmoid(beta * margin)
+    if loss_type == "robust":
+        return (-(1.0 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1.0 - 2.0 * eps)
+    if loss_type == "exo_pair":  # KL(q‖p) over {w, l}: q = σ(±βΔ), p = (1 − ε, ε)
+        return torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-eps)) + torch.sigmoid(-logits) * (
+            F.logsigmoid(-logits) - math.log(eps)
+        )
+    if loss_type == "discopop":  # e^{−x}·σ(x/τ) as exp(log σ(x/τ) − x): TRL's e^{−x}·m is inf·0 = NaN for x ≪ 0
+        return -F.logsigmoid(logits) * torch.sigmoid(-logits / discopop_tau) + torch.exp(
+            F.logsigmoid(logits / discopop_tau) - logits
+        )
+    raise AssertionError(loss_type)
+
+
+def _log_ratio_loss(
+    loss_type: str,
+    logr_w: torch.Tensor,
+    logr_l: torch.Tensor,
+    logps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    beta: float,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """The losses of `LOG_RATIO_LOSS_TYPES` (reverse KL only) on ℓ_w, ℓ_l (and, for `aot`, the log-probs)."""
+    r_w, r_l = beta * logr_w, beta * logr_l
+    eps = label_smoothing
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(r_w) - F.logsigmoid(-r_l)
+    if loss_type == "sppo_hard":
+        return (logr_w - 0.5 / beta) ** 2 + (logr_l + 0.5 / beta) ** 2
+    if loss_type in ("aot", "aot_unpaired"):
+        if loss_type == "aot":
+            pol_w, pol_l, ref_w, ref_l = logps
+            delta = torch.sort(pol_w - pol_l, dim=0)[0] - torch.sort(ref_w - ref_l, dim=0)[0]
+        else:
+            delta = torch.sort(logr_w, dim=0)[0] - torch.sort(logr_l, dim=0)[0]
+        return -F.logsigmoid(beta * delta) * (1.0 - eps) - F.logsigmoid(-beta * delta) * eps
+    if loss_type == "apo_zero":
+        return 1.0 - torch.sigmoid(r_w) + torch.sigmoid(r_l)
+    if loss_type == "apo_down":
+        return torch.sigmoid(r_w) + 1.0 - torch.sigmoid(r_w - r_l)
+    raise AssertionError(loss_type)
+
+
+def check_loss_type(loss_type: str, divergence: Divergence, *, label_smoothing: float = 0.0) -> None:
+    """ValueError naming `loss_type` (and `divergence`) when f-DPO cannot train this combination."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown f-DPO loss_type {loss_type!r}; valid: {list(LOSS_TYPES)}")
+    if loss_type in LOG_RATIO_LOSS_TYPES and divergence.canonical != "reverse_kl":
+        raise ValueError(
+            f"loss_type {loss_type!r} cannot be used with divergence {divergence.label!r}: it is built on the "
+            "log-ratios ℓ_w, ℓ_l themselves, not on their difference, so the partition term β·log Z(x) of the "
+            "f-divergence reparameterisation does not cancel (as TRL's `f_divergence_type`, only reverse KL). "
+            f"With another divergence use one of {list(SCORE_LOSS_TYPES)}."
+        )
+    if loss_type == "robust" and not (0.0 <= label_smoothing < 0.5):
+        raise ValueError(f"the robust loss needs label_smoothing in [0, 0.5), got {label_smoothing}")
+    if loss_type == "exo_pair" and not (0.0 < label_smoothing < 1.0):
+        raise ValueError(
+            f"the exo_pair loss needs label_smoothing in (0, 1) (the EXO paper recommends 1e-3), got {label_smoothing}"
+        )
+
+
 def fdpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -199,6 +318,9 @@ def fdpo_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    discopop_tau: float = 0.05,
+    chosen_token_logps: torch.Tensor | None = None,
+    chosen_token_mask: torch.Tensor | None = None,
     score_cap: float = DEFAULT_SCORE_CAP,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair f-DPO loss and per-pair metrics (see the module docstring for every formula).
@@ -207,51 +329,62 @@ def fdpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: shape (B,),
             log-probabilities of the completions summed over their tokens.
         divergence: a registry name, a registry object, or a prebuilt `FDPOScore` (cheapest in a loop).
-            Alpha's α follows docs/objectives.md: α = 1 − TRL's `f_alpha_divergence_coef`.
+            Alpha's α follows docs/objectives.md §0: α = 1 − TRL's `f_alpha_divergence_coef`.
         beta: β of the implicit reward β·f′(u) (τ of IPO).
-        loss_type: one of `LOSS_TYPES`.
-        label_smoothing: ε of the robust loss, in [0, 0.5); ignored by the other loss types (as in TRL).
-        chosen_lengths, rejected_lengths: completion token counts, used by `ipo` only (TRL's per-token
-            normalisation; clamped to ≥ 1). Omit both for the unnormalised IPO of the paper.
+        loss_type: one of `LOSS_TYPES`; those of `LOG_RATIO_LOSS_TYPES` need reverse KL.
+        label_smoothing: ε of `robust` (in [0, 0.5)), `exo_pair` (in (0, 1)) and `aot`/`aot_unpaired`;
+            ignored by the other loss types (as in TRL).
+        chosen_lengths, rejected_lengths: completion token counts, used by `ipo` and `sigmoid_norm` (TRL's
+            per-token normalisation; clamped to ≥ 1). Omit both for the unnormalised IPO of the paper.
+        discopop_tau: τ of `discopop`.
+        chosen_token_logps, chosen_token_mask: (B, T) per-token log π of the chosen completions and their
+            completion mask; `sft` only (its loss is the token mean of −log π over the batch, per pair).
         score_cap: where the exact score is continued linearly (ignored when `divergence` is an FDPOScore).
 
     Returns:
-        (loss, metrics): `loss` of shape (B,) in ≥ fp32; `metrics` maps names to detached (B,) tensors:
-        `scores/chosen`, `scores/rejected`, `scores/margins` (s(ℓ) and Δ), `rewards/chosen`,
+        (loss, metrics): `loss` of shape (B,) in ≥ fp32 (for `aot`/`aot_unpaired` indexed by sorted rank,
+        for `sft` the batch value repeated: only its mean has a meaning); `metrics` maps names to detached
+        (B,) tensors: `scores/chosen`, `scores/rejected`, `scores/margins` (s(ℓ) and Δ), `rewards/chosen`,
         `rewards/rejected`, `rewards/margins`, `rewards/accuracies` (β·ℓ, as TRL logs them) and
         `div/<label>`: ½[f̃(u_w) + f̃(u_l)] with f̃(u) = f(u) − f′(1)(u − 1) ≥ 0, the registry's f on the
         batch's sequences (a drift monitor on the preference data, not an unbiased estimate of
         D_f(π‖π_ref), which needs samples of π_ref).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown f-DPO loss_type {loss_type!r}; valid: {list(LOSS_TYPES)}")
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
-    if loss_type == "robust" and not (0.0 <= label_smoothing < 0.5):
-        raise ValueError(f"the robust loss needs label_smoothing in [0, 0.5), got {label_smoothing}")
     score = divergence if isinstance(divergence, FDPOScore) else FDPOScore(divergence, score_cap=score_cap)
+    check_loss_type(loss_type, score.divergence, label_smoothing=label_smoothing)
 
     def upcast(t: torch.Tensor) -> torch.Tensor:  # before subtracting: bf16 log-probs near −500 have ulp 2
         return t.to(torch.promote_types(t.dtype, torch.float32))
 
-    chosen_logr = upcast(policy_chosen_logps) - upcast(ref_chosen_logps)
-    rejected_logr = upcast(policy_rejected_logps) - upcast(ref_rejected_logps)
+    logps = tuple(upcast(t) for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
+    chosen_logr = logps[0] - logps[2]
+    rejected_logr = logps[1] - logps[3]
     s_w = score(chosen_logr)
     s_l = score(rejected_logr)
     margin = s_w - s_l
-    logits = beta * margin
 
-    if loss_type == "sigmoid":
-        loss = -F.logsigmoid(logits)
-    elif loss_type == "hinge":
-        loss = torch.relu(1.0 - logits)
-    elif loss_type == "ipo":
-        n_w = 1.0 if chosen_lengths is None else chosen_lengths.to(s_w.dtype).clamp(min=1.0)
-        n_l = 1.0 if rejected_lengths is None else rejected_lengths.to(s_l.dtype).clamp(min=1.0)
-        loss = (s_w / n_w - s_l / n_l - 1.0 / (2.0 * beta)) ** 2
-    else:  # robust
-        eps = label_smoothing
-        loss = (-(1.0 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1.0 - 2.0 * eps)
+    if loss_type == "sft":
+        if chosen_token_logps is None or chosen_token_mask is None:
+            raise ValueError("loss_type 'sft' needs chosen_token_logps and chosen_token_mask")
+        nll = -upcast(chosen_token_logps)[chosen_token_mask.bool()].mean()
+        loss = nll.expand(s_w.shape[0])
+    elif loss_type in LOG_RATIO_LOSS_TYPES:
+        loss = _log_ratio_loss(
+            loss_type, chosen_logr, rejected_logr, logps, beta=beta, label_smoothing=label_smoothing
+        )
+    else:
+        loss = _score_loss(
+            loss_type,
+            s_w,
+            s_l,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            discopop_tau=discopop_tau,
+        )
 
     with torch.no_grad():
         rewards_w = beta * chosen_logr.detach()

@@ -16,6 +16,7 @@ MoE aux loss and TRL's `_metrics` logging.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,21 +24,33 @@ from typing import Any, ClassVar
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from fdpo.losses.fdpo_loss import DEFAULT_SCORE_CAP, LOSS_TYPES, FDPOScore, fdpo_loss
+from fdpo.divergences import divergence_class, get_divergence
+from fdpo.losses.fdpo_loss import DEFAULT_SCORE_CAP, FDPOScore, check_loss_type, fdpo_loss
 from fdpo.trainers.divergence_choice import DivergenceChoice
-from fdpo.trainers.guards import check_finite_terms
+from fdpo.trainers.guards import NonFiniteStop, add_non_finite_stop, check_finite_if_enabled
+from fdpo.trainers.trl_args import as_config, default_args
+
+logger = logging.getLogger("fdpo")
 
 _TRL_DEFAULT_ALPHA_COEF = 0.5
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+# TRL 1.16's `f_divergence_type` values → fdpo's registry names
+TRL_F_DIVERGENCES = {
+    "reverse_kl": "reverse_kl",
+    "forward_kl": "forward_kl",
+    "js_divergence": "js",
+    "alpha_divergence": "alpha",
+}
 
 
 @dataclass
-class FDPOConfig(DivergenceChoice, DPOConfig):
+class FDPOConfig(DivergenceChoice, NonFiniteStop, DPOConfig):
     """Configuration of `FDPOTrainer`: every field of `trl.DPOConfig`, plus the divergence (`divergence`,
     `alpha`, `divergence_params` from `DivergenceChoice`; f-DPO takes the registry's f-DPO-valid entries).
 
-    TRL's own `f_divergence_type` / `f_alpha_divergence_coef` are replaced by `divergence` / `alpha`
-    (α = 1 − `f_alpha_divergence_coef`) and must stay at their defaults.
+    TRL's own `f_divergence_type` / `f_alpha_divergence_coef` are understood: `f_divergence_type: js_divergence`
+    is `divergence: js`, `alpha_divergence` with coefficient a is `divergence: alpha` with α = 1 − a
+    (docs/objectives.md §0). Giving both TRL's and fdpo's key with different meanings is an error naming both.
     """
 
     score_cap: float = field(
@@ -49,46 +62,114 @@ class FDPOConfig(DivergenceChoice, DPOConfig):
         },
     )
 
+    def _translate_trl_divergence(self) -> None:
+        """Fold TRL's `f_divergence_type` / `f_alpha_divergence_coef` into `divergence` / `alpha`."""
+        trl_type, coef = self.f_divergence_type, self.f_alpha_divergence_coef
+        if trl_type not in TRL_F_DIVERGENCES:
+            raise ValueError(
+                f"FDPOConfig: key 'f_divergence_type' = {trl_type!r} is not one of TRL's {list(TRL_F_DIVERGENCES)}; "
+                "fdpo's own `divergence` key takes every registry name."
+            )
+        ours = divergence_class(self.divergence.split("(")[0]).canonical
+        if trl_type != "reverse_kl":
+            translated = TRL_F_DIVERGENCES[trl_type]
+            if ours not in ("reverse_kl", translated):
+                raise ValueError(
+                    f"FDPOConfig: keys 'f_divergence_type' = {trl_type!r} (TRL's name for divergence {translated!r}) "
+                    f"and 'divergence' = {self.divergence!r} disagree; set only one of them."
+                )
+            if ours == "reverse_kl":
+                logger.info("FDPOConfig: TRL's f_divergence_type = %r is divergence = %r.", trl_type, translated)
+                self.divergence = ours = translated
+        if ours != "alpha" or (coef == _TRL_DEFAULT_ALPHA_COEF and trl_type != "alpha_divergence"):
+            return
+        given = self.alpha
+        if given is None:
+            given = (self.divergence_params or {}).get("alpha")
+        if given is None and "(" in self.divergence:
+            given = get_divergence(self.divergence).params.get("alpha")
+        from_coef = 1.0 - coef
+        if given is None:
+            logger.info(
+                "FDPOConfig: TRL's f_alpha_divergence_coef a = %g is fdpo's alpha = 1 − a = %g "
+                "(docs/objectives.md §0: fdpo's α → 0 is reverse KL, α → 1 forward KL).", coef, from_coef,
+            )
+            if abs(from_coef) < 1e-6:  # TRL: a = 1 is the limit f′(u) = log u, reverse KL
+                self.divergence = "reverse_kl"
+            else:
+                self.alpha = from_coef
+        elif coef != _TRL_DEFAULT_ALPHA_COEF and abs(float(given) - from_coef) > 1e-9:
+            raise ValueError(
+                f"FDPOConfig: keys 'f_alpha_divergence_coef' = {coef} (TRL's a; fdpo's alpha = 1 − a = {from_coef:g}) "
+                f"and 'alpha' = {given} disagree; set only one of them."
+            )
 
     def __post_init__(self):
-        if self.f_divergence_type != "reverse_kl":
-            raise ValueError(
-                f"FDPOConfig: set `divergence` instead of TRL's `f_divergence_type` "
-                f"(got f_divergence_type={self.f_divergence_type!r})."
-            )
-        if self.f_alpha_divergence_coef != _TRL_DEFAULT_ALPHA_COEF:
-            raise ValueError(
-                f"FDPOConfig: set `alpha` instead of TRL's `f_alpha_divergence_coef` "
-                f"(α = 1 − f_alpha_divergence_coef = {1 - self.f_alpha_divergence_coef:g})."
-            )
+        try:
+            self._translate_trl_divergence()
+        except ValueError as exc:
+            if str(exc).startswith("FDPOConfig"):
+                raise
+            raise ValueError(f"FDPOConfig: divergence={self.divergence!r}: {exc}") from exc
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        unknown = [t for t in loss_types if t not in LOSS_TYPES]
-        if unknown:
-            raise ValueError(
-                f"FDPOConfig: loss_type {unknown} is not supported by f-DPO; valid: {list(LOSS_TYPES)}."
-            )
-        if "robust" in loss_types and not (0.0 <= self.label_smoothing < 0.5):
-            raise ValueError(
-                f"FDPOConfig: the robust loss needs label_smoothing in [0, 0.5), got {self.label_smoothing}."
-            )
         if self.beta <= 0:
             raise ValueError(f"FDPOConfig: beta must be positive, got {self.beta}.")
-        # resolved through FDPOScore, which refuses a divergence f-DPO cannot use; one canonical form is stored
-        self.resolve_divergence_choice(lambda name, params: FDPOScore(name, score_cap=self.score_cap, **params).divergence)
+        try:
+            score = FDPOScore(self.divergence, score_cap=self.score_cap, **self.divergence_kwargs())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"FDPOConfig: divergence={self.divergence!r}: {exc}") from exc
+        for loss_type in loss_types:
+            try:
+                check_loss_type(loss_type, score.divergence, label_smoothing=self.label_smoothing)
+            except ValueError as exc:
+                raise ValueError(f"FDPOConfig: key 'loss_type': {exc}.") from exc
+        # store one canonical form: the name, with every parameter (also those written in a label such as
+        # 'alpha(0.5)') in `alpha` / `divergence_params`
+        self.store_canonical_divergence(score.divergence.canonical, score.divergence.params)
         super().__post_init__()
 
 
 class FDPOTrainer(DPOTrainer):
-    """f-DPO on top of TRL's DPOTrainer; logs `div/<label>` and `scores/*` besides TRL's metrics."""
+    """f-DPO on top of TRL's DPOTrainer; logs `div/<label>` and `scores/*` besides TRL's metrics.
+
+    Same signature as `trl.DPOTrainer`. `args` may be omitted (TRL's default config, as an `FDPOConfig`) or a
+    plain `trl.DPOConfig` (its fields are kept, TRL's divergence names translated).
+    """
 
     _tag_names: ClassVar[list[str]] = ["trl", "dpo", "fdpo"]
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        config = kwargs.get("args", args[2] if len(args) > 2 else None)
-        if not isinstance(config, FDPOConfig):
-            raise TypeError(f"FDPOTrainer needs `args=FDPOConfig(...)`, got {type(config).__name__}.")
-        self.fdpo_score = FDPOScore(config.resolved_divergence(), score_cap=config.score_cap)
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model: Any,
+        ref_model: Any = None,
+        args: DPOConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Any = None,
+        callbacks: Any = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+    ):
+        args = default_args(FDPOConfig, model, "DPO") if args is None else as_config(FDPOConfig, args, DPOConfig)
+        self.f_dpo_score = FDPOScore(args.resolved_divergence(), score_cap=args.score_cap)
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        add_non_finite_stop(self)
 
     def _sequence_logps(self, per_token_logps: torch.Tensor, shift_mask: torch.Tensor) -> torch.Tensor:
         """Σ_t log p over the completion; with LD-DPO's `ld_alpha`, tokens past the pair's shared length × ld_alpha."""
@@ -136,23 +217,28 @@ class FDPOTrainer(DPOTrainer):
         loss: torch.Tensor | float = 0.0
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
+        chosen_token_logps, _ = per_token_logps.chunk(2, dim=0)
+        chosen_token_mask, _ = shift_mask.chunk(2, dim=0)
         for loss_type, loss_weight in zip(self.loss_types, self.loss_weights, strict=True):
             per_pair, metrics = fdpo_loss(
                 chosen_logps,
                 rejected_logps,
                 ref_chosen_logps,
                 ref_rejected_logps,
-                self.fdpo_score,
+                self.f_dpo_score,
                 beta=self.beta,
                 loss_type=loss_type,
                 label_smoothing=self.label_smoothing,
                 chosen_lengths=chosen_lengths,
                 rejected_lengths=rejected_lengths,
+                discopop_tau=self.args.discopop_tau,
+                chosen_token_logps=chosen_token_logps,
+                chosen_token_mask=chosen_token_mask,
             )
             if pair_weights is not None:
                 per_pair = per_pair * pair_weights
-            terms[f"fdpo_{loss_type}"] = per_pair.mean()
-            loss = loss + terms[f"fdpo_{loss_type}"] * loss_weight
+            terms[f"f_dpo_{loss_type}"] = per_pair.mean()
+            loss = loss + terms[f"f_dpo_{loss_type}"] * loss_weight
         if self.aux_loss_enabled:
             terms["aux_loss"] = outputs.aux_loss
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -160,7 +246,7 @@ class FDPOTrainer(DPOTrainer):
                 self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item()
             )
         if self.model.training:
-            check_finite_terms(terms, step=self.state.global_step + 1)
+            check_finite_if_enabled(self.args, terms, step=self.state.global_step + 1)
 
         self._log_model_metrics(mode, outputs, inputs, shift_mask, seq_len)
         for name, values in metrics.items():

@@ -2,17 +2,53 @@
 
 docs/architecture.md: never let a loss go NaN silently. Losses in fdpo return their terms by name; trainers
 pass them through `check_finite_terms` before backward, and `NonFiniteGradientCallback` checks
-the gradients before each optimizer step.
+the gradients before each optimizer step. Both are on by default; a config with
+`stop_on_non_finite: false` (the `NonFiniteStop` field every fdpo config has) lets a run continue
+where TRL would let it continue.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from fdpo.errors import UserError
+
+
+@dataclass
+class NonFiniteStop:
+    """Config mixin: the switch of the non-finite stop (on by default)."""
+
+    stop_on_non_finite: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training with the step and the term named when a loss term or a gradient is NaN/inf "
+            "(default). `false` lets the run continue as TRL would (the optimizer then applies what it gets)."
+        },
+    )
+
+
+def stops_on_non_finite(args: Any) -> bool:
+    """Whether the non-finite stop is on for these training arguments (plain TRL/transformers ones: yes)."""
+    return bool(getattr(args, "stop_on_non_finite", True))
+
+
+def add_non_finite_stop(trainer: Any) -> None:
+    """Attach `NonFiniteGradientCallback` to `trainer` (once) when its args keep the stop on."""
+    if stops_on_non_finite(trainer.args) and not any(
+        isinstance(cb, NonFiniteGradientCallback) for cb in trainer.callback_handler.callbacks
+    ):
+        trainer.add_callback(NonFiniteGradientCallback())
+
+
+def check_finite_if_enabled(args: Any, terms: Mapping[str, torch.Tensor | float], *, step: int) -> None:
+    """`check_finite_terms` unless `args.stop_on_non_finite` is false."""
+    if stops_on_non_finite(args):
+        check_finite_terms(terms, step=step)
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -35,7 +71,7 @@ class NonFiniteGradientCallback(TrainerCallback):
     """Before each optimizer step, stop if any parameter gradient is NaN/inf (names the parameter)."""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if model is None:
+        if model is None or not stops_on_non_finite(args):
             return
         grads = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
         if not grads:
