@@ -83,13 +83,18 @@ def test_generalized_jsd_matches_trl_gkd(trl_beta):
 
 def test_config_divergence_and_trl_beta(tmp_path):
     kw = {"output_dir": str(tmp_path), "report_to": "none", "bf16": False, "use_cpu": True}
-    assert FDistillConfig(**kw).divergence == "forward_kl"
+    default = FDistillConfig(**kw)  # GKD's default: generalised JSD with TRL beta 0.5
+    assert (default.divergence, default.divergence_params) == ("generalized_jsd", {"beta": 0.5})
     cfg = FDistillConfig(**kw, divergence="gjsd", divergence_params={"beta": 0.2})
     assert (cfg.divergence, cfg.divergence_params) == ("generalized_jsd", {"beta": 0.2})
     assert FDistillConfig(**kw, divergence="bd-kd").divergence == "bdkd"
     assert FDistillConfig(**kw, divergence="tv").divergence == "total_variation"
-    with pytest.raises(ValueError, match="generalized_jsd"):
-        FDistillConfig(**kw, beta=0.3)
+    cfg = FDistillConfig(**kw, beta=0.3)  # TRL's GKD beta b is fdpo's generalized_jsd(1 − b)
+    assert (cfg.divergence, cfg.divergence_params) == ("generalized_jsd", {"beta": pytest.approx(0.7)})
+    assert FDistillConfig(**kw, beta=0.0).divergence == "forward_kl"
+    assert FDistillConfig(**kw, beta=1.0).divergence == "reverse_kl"
+    with pytest.raises(ValueError, match="(?s)'beta'.*'divergence'"):
+        FDistillConfig(**kw, beta=0.3, divergence="forward_kl")
     with pytest.raises(ValueError, match="unknown divergence"):
         FDistillConfig(**kw, divergence="forwardkl_")
 

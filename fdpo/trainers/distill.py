@@ -16,8 +16,10 @@ collator, the teacher loading/preparation (DeepSpeed or `accelerator.prepare_mod
 (`compute_loss`: one student forward, one teacher forward under no_grad, both projecting only the positions
 from the batch's first completion token on (`logits_to_keep`), the divergence from `fdpo.losses.distill`) and records whether each batch was sampled from the student (`on_policy`).
 
-Differences from TRL's GKD, on purpose: TRL's `beta` is replaced by `divergence` (β of generalized_jsd =
-1 − TRL beta; TRL's `beta` must stay at its default); `distill_temperature` is the temperature of the loss
+Parent defaults: without `divergence` the loss is GKD's, the generalised JSD with TRL's `beta` (default 0.5;
+fdpo's β of generalized_jsd weights the student, so it is 1 − TRL's beta; TRL's beta 0 is forward_kl, 1 is
+reverse_kl). `generate_on_policy_outputs` stays TRL's @staticmethod with TRL's signature.
+Differences from TRL's GKD, on purpose: `distill_temperature` is the temperature of the loss
 (TRL's GKD uses T = 1 in the loss whatever `temperature` says; `temperature` stays the sampling
 temperature); each micro-batch's loss is its own token mean (TRL divides by the token count of the
 dataset batch even when the batch was replaced by generated completions of another length).
@@ -26,6 +28,7 @@ Data: a `messages` column, or conversational `prompt`/`completion` columns (join
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,20 +37,25 @@ from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from fdpo.losses.distill import distill_loss, resolve_distill_objective
 from fdpo.trainers.divergence_choice import DivergenceChoice, divergence_field
-from fdpo.trainers.guards import check_finite_terms
+from fdpo.trainers.guards import NonFiniteStop, add_non_finite_stop, check_finite_if_enabled
+from fdpo.trainers.trl_args import as_config, default_args
 
 _TRL_DEFAULT_BETA = 0.5
+# (the unwrapped teacher, the sources generated so far) while `FDistillTrainer.training_step` runs: TRL's
+# generate_on_policy_outputs is a @staticmethod, so it cannot reach the trainer otherwise
+_GENERATION: ContextVar[tuple[Any, list[str]] | None] = ContextVar("fdpo_distill_generation", default=None)
 
 
 @dataclass
-class FDistillConfig(DivergenceChoice, GKDConfig):
+class FDistillConfig(DivergenceChoice, NonFiniteStop, GKDConfig):
     """Configuration of `FDistillTrainer`: every field of TRL's `GKDConfig` (λ = `lmbda`, `seq_kd`,
     `temperature` for sampling, `max_new_tokens`, `teacher_model_name_or_path`), plus the divergence."""
 
-    divergence: str = divergence_field(
-        "forward_kl",
+    divergence: str | None = divergence_field(
+        None,
         "Distillation: D(student ‖ teacher) over the full vocabulary, the student in π's slot (forward_kl = "
-        "KL(teacher‖student), the usual KD; generalized_jsd's β = student weight = 1 − TRL's GKD beta).",
+        "KL(teacher‖student), the usual KD; generalized_jsd's β = student weight = 1 − TRL's GKD beta). Default: "
+        "GKD's own loss, generalized_jsd with β = 1 − `beta` (TRL's GKD beta, default 0.5).",
     )
     teacher_model_name_or_path: str | None = field(
         default=None,
@@ -62,13 +70,27 @@ class FDistillConfig(DivergenceChoice, GKDConfig):
     )
 
 
+    def _gkd_divergence(self) -> tuple[str, dict[str, Any]]:
+        """GKD's loss for TRL's `beta` b: KL(teacher‖student) at 0, KL(student‖teacher) at 1, else GJSD(1 − b)."""
+        if self.beta == 0.0:
+            return "forward_kl", {}
+        if self.beta == 1.0:
+            return "reverse_kl", {}
+        return "generalized_jsd", {"beta": 1.0 - self.beta}
+
     def __post_init__(self):
-        if self.beta != _TRL_DEFAULT_BETA:
-            raise ValueError(
-                "FDistillConfig: set `divergence` instead of TRL's GKD `beta` (got beta="
-                f"{self.beta}); TRL's generalised JSD with beta b is `divergence: generalized_jsd` with "
-                f"divergence_params {{beta: {1 - self.beta:g}}} (fdpo's β weights the student)."
-            )
+        gkd_name, gkd_params = self._gkd_divergence()
+        if self.divergence is None:
+            self.divergence, self.divergence_params = gkd_name, gkd_params or None
+        elif self.beta != _TRL_DEFAULT_BETA:
+            chosen = resolve_distill_objective(self.divergence, self.divergence_kwargs())
+            gkd = resolve_distill_objective(gkd_name, gkd_params)
+            if (chosen.canonical, chosen.params) != (gkd.canonical, gkd.params):
+                raise ValueError(
+                    f"FDistillConfig: keys 'beta' = {self.beta} (TRL's GKD beta, i.e. divergence {gkd_name!r} "
+                    f"{gkd_params or ''}) and 'divergence' = {self.divergence!r} disagree; set only one of them "
+                    "(fdpo's generalized_jsd β weights the student: β = 1 − TRL's beta)."
+                )
         if not self.distill_temperature > 0:
             raise ValueError(f"FDistillConfig: distill_temperature must be > 0, got {self.distill_temperature}.")
         self.resolve_divergence_choice(resolve_distill_objective)
@@ -98,35 +120,78 @@ class FDistillTrainer(GKDTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "gkd", "fdpo"]
 
-    def __init__(self, *args: Any, teacher_model: Any = None, **kwargs: Any):
-        config = kwargs.get("args")
-        if not isinstance(config, FDistillConfig):
-            raise TypeError(f"FDistillTrainer needs `args=FDistillConfig(...)`, got {type(config).__name__}.")
-        if args:
-            raise TypeError("FDistillTrainer takes keyword arguments only (model=..., args=..., ...).")
+    def __init__(
+        self,
+        model: Any = None,
+        teacher_model: Any = None,
+        args: GKDConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Any = None,
+        callbacks: Any = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        preprocess_logits_for_metrics: Any = None,
+        peft_config: Any = None,
+        formatting_func: Any = None,
+    ):
+        """`GKDTrainer`'s signature. `args` may be omitted (a default named after the model, as TRL's trainers
+        build theirs) or a `GKDConfig` (every field kept, its `beta` the GKD loss unless `divergence` is set)."""
+        if args is None:
+            args = default_args(FDistillConfig, model, "GKD")
+        else:
+            args = as_config(FDistillConfig, args, GKDConfig)
         if teacher_model is None:
-            teacher_model = config.teacher_model_name_or_path
+            teacher_model = args.teacher_model_name_or_path
         if teacher_model is None:
             raise ValueError("FDistillTrainer: set `teacher_model_name_or_path` (or pass teacher_model=).")
-        for key, where in (("train_dataset", "train"), ("eval_dataset", "eval")):
-            if kwargs.get(key) is not None:
-                kwargs[key] = _to_messages(kwargs[key], where)
-        self.objective = resolve_distill_objective(config.divergence, config.divergence_kwargs())
-        self._batch_source = "data"
+        train_dataset = _to_messages(train_dataset, "train")
+        eval_dataset = _to_messages(eval_dataset, "eval")
+        self.objective = resolve_distill_objective(args.divergence, args.divergence_kwargs())
         self.generated_batches = 0
-        super().__init__(teacher_model=teacher_model, **kwargs)
+        super().__init__(
+            model,
+            teacher_model,
+            args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        add_non_finite_stop(self)
 
-    def generate_on_policy_outputs(self, model, inputs, generation_config):  # GKD calls it on the student or teacher
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        self._batch_source = "teacher" if model is teacher else "student"
-        self.generated_batches += 1
+    @staticmethod
+    def generate_on_policy_outputs(model, inputs, generation_config):
+        """TRL's (a @staticmethod with TRL's signature); inside `training_step` it also records which model
+        generated the batch (the student, or the teacher under `seq_kd`)."""
+        record = _GENERATION.get()
+        if record is not None:
+            teacher, sources = record
+            sources.append("teacher" if model is teacher else "student")
         return GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._batch_source = "data"
-        # None: each micro-batch is its own token mean (Trainer then averages over accumulation steps), because
-        # a batch replaced by generated completions no longer has the dataset's token count
-        return super().training_step(model, inputs, None)
+        sources: list[str] = []
+        token = _GENERATION.set((self.accelerator.unwrap_model(self.teacher_model), sources))
+        try:
+            # None: each micro-batch is its own token mean (Trainer then averages over accumulation steps), because
+            # a batch replaced by generated completions no longer has the dataset's token count
+            return super().training_step(model, inputs, None)
+        finally:
+            _GENERATION.reset(token)
+            self.generated_batches += len(sources)
+
+    def _batch_source(self) -> str:
+        """'data', 'student' or 'teacher': where the batch being scored comes from."""
+        record = _GENERATION.get()
+        return record[1][-1] if record is not None and record[1] else "data"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -148,9 +213,10 @@ class FDistillTrainer(GKDTrainer):
             temperature=self.args.distill_temperature,
         )
         if model.training:
-            check_finite_terms({f"div/{self.objective.label}": loss}, step=self.state.global_step + 1)
-        metrics["on_policy"] = torch.tensor(float(self._batch_source == "student"))
-        metrics["teacher_samples"] = torch.tensor(float(self._batch_source == "teacher"))
+            check_finite_if_enabled(self.args, {f"div/{self.objective.label}": loss}, step=self.state.global_step + 1)
+        source = self._batch_source()
+        metrics["on_policy"] = torch.tensor(float(source == "student"))
+        metrics["teacher_samples"] = torch.tensor(float(source == "teacher"))
         metrics["completion_tokens"] = mask.sum().float()
         for name, value in metrics.items():
             value = value.to(self.accelerator.device).reshape(1)

@@ -41,11 +41,12 @@ from typing import Any, ClassVar
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from fdpo.losses.fsft_loss import fsft_loss
 from fdpo.trainers.divergence_choice import DivergenceChoice
-from fdpo.trainers.guards import check_finite_terms
+from fdpo.trainers.guards import NonFiniteStop, add_non_finite_stop, check_finite_if_enabled
 from fdpo.trainers.model_access import (
     backbone,
     causal_lm,
@@ -54,12 +55,13 @@ from fdpo.trainers.model_access import (
     lm_head,
     reference_forward,
 )
+from fdpo.trainers.trl_args import as_config, default_args
 
 ESTIMATORS = ("full_vocab",)
 
 
 @dataclass
-class FSFTConfig(DivergenceChoice, SFTConfig):
+class FSFTConfig(DivergenceChoice, NonFiniteStop, SFTConfig):
     """Configuration of `FSFTTrainer`: every field of `trl.SFTConfig`, plus the f-divergence regulariser
     (`divergence`, `alpha`, `divergence_params` from `DivergenceChoice`: any registry entry)."""
 
@@ -139,11 +141,51 @@ class FSFTTrainer(SFTTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "sft", "fdpo"]
 
-    def __init__(self, *args: Any, ref_model: Any = None, **kwargs: Any):
-        config = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if not isinstance(config, FSFTConfig):
-            raise TypeError(f"FSFTTrainer needs `args=FSFTConfig(...)`, got {type(config).__name__}.")
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model: Any,
+        args: SFTConfig | TrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_loss_func: Any = None,
+        compute_metrics: Any = None,
+        callbacks: Any = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        optimizer_cls_and_kwargs: Any = None,
+        preprocess_logits_for_metrics: Any = None,
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        formatting_func: Any = None,
+        *,
+        ref_model: Any = None,
+    ):
+        """`trl.SFTTrainer`'s signature plus `ref_model` (keyword only). `args` may be omitted (TRL's default
+        config, as an `FSFTConfig`), a `trl.SFTConfig` or a plain `transformers.TrainingArguments` (every field
+        kept, as SFTTrainer does)."""
+        if args is None:
+            config = default_args(FSFTConfig, model, "SFT")
+        else:
+            config = as_config(FSFTConfig, args, TrainingArguments)
+        super().__init__(
+            model,
+            args=config,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        add_non_finite_stop(self)
         self.fsft_divergence = config.resolved_divergence()
         self.divergence_coef = float(config.divergence_coef)
         start = getattr(self._policy_lm().config, "_name_or_path", "") or None
@@ -260,7 +302,7 @@ class FSFTTrainer(SFTTrainer):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = result[0] if isinstance(result, tuple) else result
             if model.training:
-                check_finite_terms({"nll": loss}, step=self.state.global_step + 1)
+                check_finite_if_enabled(self.args, {"nll": loss}, step=self.state.global_step + 1)
             return result
 
         mode = "train" if self.model.training else "eval"
@@ -288,7 +330,8 @@ class FSFTTrainer(SFTTrainer):
             nll, hidden, ref_hidden, mask, num_items_in_batch, fused.log_probs,
         )
         if model.training:
-            check_finite_terms(
+            check_finite_if_enabled(
+                self.args,
                 {"nll": nll, **{k: v for k, v in metrics.items() if k.startswith("div/")}, "loss": loss},
                 step=self.state.global_step + 1,
             )

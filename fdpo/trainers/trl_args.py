@@ -21,7 +21,8 @@ def default_args(config_cls: type[C], model: Any, suffix: str) -> C:
 
 def as_config(config_cls: type[C], args: TrainingArguments, accepted: type[TrainingArguments]) -> C:
     """`args` as a `config_cls`: returned as is when it already is one, else rebuilt from its fields the way
-    TRL's SFTTrainer upgrades a `TrainingArguments` (`to_dict`, the hidden hub token restored)."""
+    TRL's SFTTrainer upgrades a `TrainingArguments` (`to_dict`, with the `*_token` fields it masks restored:
+    `hub_token`, and TRL's `pad_token` / `eos_token`)."""
     if isinstance(args, config_cls):
         return args
     if not isinstance(args, accepted):
@@ -29,7 +30,9 @@ def as_config(config_cls: type[C], args: TrainingArguments, accepted: type[Train
             f"`args` must be a {config_cls.__name__} or a {accepted.__name__}, got {type(args).__name__}."
         )
     values = args.to_dict()
-    values["hub_token"] = args.hub_token  # to_dict hides the hub_token
+    for key in values:
+        if key.endswith("_token"):  # to_dict writes "<KEY>" in place of every *_token value
+            values[key] = getattr(args, key)
     if Version(transformers.__version__) < Version("5.0.0"):
         values.pop("push_to_hub_token", None)
     return config_cls(**values)
