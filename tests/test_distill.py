@@ -93,7 +93,7 @@ def test_config_divergence_and_trl_beta(tmp_path):
     assert (cfg.divergence, cfg.divergence_params) == ("generalized_jsd", {"beta": pytest.approx(0.7)})
     assert FDistillConfig(**kw, beta=0.0).divergence == "forward_kl"
     assert FDistillConfig(**kw, beta=1.0).divergence == "reverse_kl"
-    with pytest.raises(ValueError, match="(?s)'beta'.*'divergence'"):
+    with pytest.raises(ValueError, match=r"(?s)'beta'.*'divergence'"):
         FDistillConfig(**kw, beta=0.3, divergence="forward_kl")
     with pytest.raises(ValueError, match="unknown divergence"):
         FDistillConfig(**kw, divergence="forwardkl_")

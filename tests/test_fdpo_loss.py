@@ -296,7 +296,7 @@ def test_config_rejects_unknown_fields_and_bad_combinations(tmp_path):
     kw = {"output_dir": str(tmp_path), "report_to": "none", "bf16": False}
     with pytest.raises(ValueError, match="reverse_kl"):  # the registry lists the valid names
         FDPOConfig(divergence="kll_divergence", **kw)
-    with pytest.raises(ValueError, match="(?s)loss_type.*nca_pair.*divergence.*js"):
+    with pytest.raises(ValueError, match=r"(?s)loss_type.*nca_pair.*divergence.*js"):
         FDPOConfig(loss_type=["nca_pair"], divergence="js", **kw)
     with pytest.raises(ValueError, match="label_smoothing"):
         FDPOConfig(loss_type=["robust"], label_smoothing=0.5, **kw)

@@ -55,6 +55,7 @@ CLAIMS = [
     ("k2", "reverse_kl", _rkl),
     ("k3", "reverse_kl", _fkl),  # k3 as a loss follows the FORWARD-KL gradient
     ("k3_ratio", "reverse_kl", _rkl),
+    ("k3_plus", "reverse_kl", _rkl),  # k3's value, k2's gradient
     *[("generator", name, fn) for name, fn in EXACT.items()],
 ]
 
@@ -104,6 +105,21 @@ def test_k3_gradient_is_not_reverse_kl():
     logp = theta.log_softmax(-1)
     g = _grad((logp.exp().detach() * per_token_penalty("k3", "reverse_kl", logp, ref_logp)).sum(), theta)
     assert (g - _grad(_rkl(logp.exp(), ref_logp.exp()), theta)).abs().max() > 1e-2
+
+
+def test_k3_plus_has_k3s_value_per_token_and_is_unbiased():
+    """k3⁺ per token is k3 exactly (≥ 0), so E_π[k3⁺] = KL(π‖π_ref) by enumeration; its gradient (above) is k2's."""
+    theta, ref_logp, _ = _toy(2)
+    logp = theta.log_softmax(-1)
+    plus = per_token_penalty("k3_plus", "reverse_kl", logp, ref_logp)
+    k3 = per_token_penalty("k3", "reverse_kl", logp, ref_logp)
+    torch.testing.assert_close(plus, k3, rtol=0, atol=0)
+    assert bool((plus >= 0).all())
+    value = (logp.exp() * plus).sum()
+    torch.testing.assert_close(value, _rkl(logp.exp(), ref_logp.exp()), rtol=1e-9, atol=1e-12)
+    g_plus = _grad(plus.sum(), theta)
+    g_k2 = _grad(per_token_penalty("k2", "reverse_kl", logp, ref_logp).sum(), theta)
+    torch.testing.assert_close(g_plus, g_k2, rtol=1e-12, atol=1e-14)  # per sample, not only in expectation
 
 
 def test_k1_reward_follows_reverse_kl_through_the_policy_gradient():
@@ -207,7 +223,7 @@ def test_bad_estimator_divergence_combinations_name_the_key(estimator, divergenc
 
 
 def test_every_estimator_is_documented():
-    assert set(ESTIMATORS) == {"k1_reward", "k2", "k3", "k3_ratio", "generator", "full_vocab"}
+    assert set(ESTIMATORS) == {"k1_reward", "k2", "k3", "k3_ratio", "k3_plus", "generator", "full_vocab"}
     for name in ESTIMATORS:
         check_estimator(name, "reverse_kl")
     for name in ("generator", "full_vocab"):

@@ -124,9 +124,9 @@ def test_trl_divergence_names_are_translated(caplog):
 
 def test_conflicting_trl_and_fdpo_divergence_keys_name_both():
     kw = {"output_dir": "unused", **CPU_TRAINER_ARGS}
-    with pytest.raises(ValueError, match="(?s)'f_divergence_type'.*'divergence'"):
+    with pytest.raises(ValueError, match=r"(?s)'f_divergence_type'.*'divergence'"):
         FDPOConfig(f_divergence_type="js_divergence", divergence="forward_kl", **kw)
-    with pytest.raises(ValueError, match="(?s)'f_alpha_divergence_coef'.*'alpha'"):
+    with pytest.raises(ValueError, match=r"(?s)'f_alpha_divergence_coef'.*'alpha'"):
         FDPOConfig(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.7, alpha=0.5, **kw)
     with pytest.raises(ValueError, match="f_divergence_type"):
         FDPOConfig(f_divergence_type="chi_squared", **kw)

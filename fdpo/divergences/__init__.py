@@ -32,6 +32,7 @@ from fdpo.divergences.estimators import (
     kl_k2,
     kl_k3,
     kl_k3_importance_weighted,
+    kl_k3_plus,
     policy_sample_generator_loss,
     ref_sample_generator_loss,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "kl_k3_importance_weighted",
+    "kl_k3_plus",
     "policy_sample_generator_loss",
     "print_divergence_table",
     "ref_sample_generator_loss",

@@ -17,6 +17,7 @@ ref_sample_generator_loss (f or f̃)      π_ref         D_f (unbiased)       �
 kl_k1 = −log r                          π             KL(π‖π_ref) (unb.)   0
 kl_k2 = ½ (log r)²                      π             biased, ≥ 0          ∇KL(π‖π_ref)
 kl_k3 = r − 1 − log r                   π             KL(π‖π_ref) (unb.)   ∇KL(π_ref‖π)  (!)
+kl_k3_plus = k2 + sg(k3 − k2)           π             KL(π‖π_ref) (unb.)   ∇KL(π‖π_ref)
 kl_k3_importance_weighted = (π/π_old)·k3  π_old       KL(π‖π_ref) (unb.)   ∇KL(π‖π_ref)
 policy_sample_generator_loss            π_old (= π)   D_f (unbiased)       ∇D_f (score term in)
 ======================================  ============  ===================  ======================
@@ -132,6 +133,17 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     :func:`kl_k3_importance_weighted` for the reverse-KL gradient.
     """
     return get_divergence("reverse_kl").f_normalized_over_u(_log_ratio(logp, ref_logp))
+
+
+def kl_k3_plus(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k3⁺ = k2 + sg(k3 − k2) on samples from π: k3's value with k2's gradient (straight-through).
+
+    Value: k3 = r − 1 − log r exactly, so unbiased for KL(π‖π_ref) and ≥ 0 (low variance).
+    Gradient: ∇k2 = ℓ∇ℓ, so E_π[∇k3⁺] = ∇KL(π‖π_ref): the reverse-KL gradient that k3 itself lacks,
+    without an importance ratio (the form verl / NeMo-RL users call "k3+"; docs/objectives.md §1.3).
+    """
+    k2 = kl_k2(logp, ref_logp)
+    return k2 + (kl_k3(logp, ref_logp) - k2).detach()
 
 
 def kl_k3_importance_weighted(logp: Tensor, ref_logp: Tensor, old_logp: Tensor) -> Tensor:

@@ -12,13 +12,14 @@ k1_reward   r ← r − η Σ_t ℓ_t (in reward)   KL(π‖π_ref)         ∇K
 k2          ½ ℓ²                            biased, ≥ 0        ∇KL(π‖π_ref)
 k3          e^{−ℓ} − 1 + ℓ                  KL(π‖π_ref)         ∇KL(π_ref‖π)  (forward KL!)
 k3_ratio    ω·(e^{−ℓ} − 1 + ℓ)  (TRL 1.16)  KL(π‖π_ref)         ∇KL(π‖π_ref)
+k3_plus     ½ℓ² + sg(k3 − ½ℓ²)              KL(π‖π_ref)         ∇KL(π‖π_ref)  (k3's value, k2's gradient)
 generator   ω·f̃(u)/u,  f̃ = f − f′(1)(u−1)   D_f(π‖π_ref)       ∇D_f(π‖π_ref)
 full_vocab  Σ_v π_ref f(π/π_ref) exactly    D_f(π‖π_ref)       ∇D_f(π‖π_ref) (exact, no sampling)
 ==========  ==============================  =================  =====================================
 
 k1 used as a LOSS has expected gradient E_π[∇log π] = 0 (it regularises nothing), hence ``k1_reward``:
 the sequence k1 is folded into the reward before the group advantages (the PPO-RLHF way). k2, k3,
-k3_ratio and k1_reward estimate the reverse KL only; ``generator`` and ``full_vocab`` take any registered f.
+k3_ratio, k3_plus and k1_reward estimate the reverse KL only; ``generator`` and ``full_vocab`` take any registered f.
 For ``generator`` with reverse KL, ω·f̃(u)/u is exactly k3_ratio.
 
 Gradients are per position: the divergence of each next-token distribution with its prefix held
@@ -39,6 +40,7 @@ from fdpo.divergences import (
     kl_k2,
     kl_k3,
     kl_k3_importance_weighted,
+    kl_k3_plus,
     policy_sample_generator_loss,
     resolve_divergence,
 )
@@ -63,6 +65,7 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         EstimatorInfo("k2", True, False, False, "½ℓ², biased ≥ 0", "∇KL(π‖π_ref)"),
         EstimatorInfo("k3", True, False, False, "KL(π‖π_ref), unbiased", "∇KL(π_ref‖π) (forward KL)"),
         EstimatorInfo("k3_ratio", True, False, False, "KL(π‖π_ref), unbiased", "∇KL(π‖π_ref)"),
+        EstimatorInfo("k3_plus", True, False, False, "KL(π‖π_ref), unbiased ≥ 0 (k3)", "∇KL(π‖π_ref) (k2's)"),
         EstimatorInfo("generator", False, False, False, "D_f(π‖π_ref), unbiased", "∇D_f(π‖π_ref)"),
         EstimatorInfo("full_vocab", False, False, True, "D_f(π‖π_ref), exact", "∇D_f(π‖π_ref), exact"),
     )
@@ -98,7 +101,7 @@ def per_token_penalty(
     ref_logp: Tensor,
     old_logp: Tensor | None = None,
 ) -> Tensor:
-    """Per-token penalty term of a loss-side estimator (k2, k3, k3_ratio, generator) on rollouts.
+    """Per-token penalty term of a loss-side estimator (k2, k3, k3_ratio, k3_plus, generator) on rollouts.
 
     ``logp`` = log π(y_t) with gradient, ``ref_logp`` = log π_ref(y_t), ``old_logp`` = log π_old(y_t) of the
     sampling policy (None: on-policy, ω = exp(logp − sg(logp)) = 1 with the score-function gradient).
@@ -107,12 +110,16 @@ def per_token_penalty(
         return kl_k2(logp, ref_logp)
     if estimator == "k3":
         return kl_k3(logp, ref_logp)
+    if estimator == "k3_plus":
+        return kl_k3_plus(logp, ref_logp)
     old = logp.detach() if old_logp is None else old_logp
     if estimator == "k3_ratio":
         return kl_k3_importance_weighted(logp, ref_logp, old)
     if estimator == "generator":
         return policy_sample_generator_loss(logp, ref_logp, divergence, old_logp=old, normalized=True)
-    raise ValueError(f"per_token_penalty: {estimator!r} is not a loss-side estimator (k2, k3, k3_ratio, generator)")
+    raise ValueError(
+        f"per_token_penalty: {estimator!r} is not a loss-side estimator (k2, k3, k3_ratio, k3_plus, generator)"
+    )
 
 
 def sequence_k1(old_logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
