@@ -191,7 +191,7 @@ def test_rehearsal_only_loads_no_reference(tiny_model_dir, task_data_dir, tmp_pa
     [
         ({"estimator": "k4"}, "estimator"),
         ({"estimator": "k3", "divergence": "js", "divergence_coef": 0.1}, "divergence"),
-        ({"beta": 0.1}, "beta"),
+        ({"beta": 0.1, "divergence_coef": 0.2}, "(?s)'beta'.*'divergence_coef'"),
         ({"loss_type": "disco", "steps_per_generation": 2}, "steps_per_generation"),
         ({"divergence": "no_such_divergence"}, "no_such_divergence"),
     ],

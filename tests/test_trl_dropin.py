@@ -262,3 +262,277 @@ def test_non_finite_stop_is_on_by_default_and_can_be_switched_off(dpo_pair):
     finally:
         ours.precompute_ref_logps = False
         ours.args.stop_on_non_finite = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GRPO
+
+
+def test_grpo_beta_is_translated(caplog):
+    from fdpo.trainers.grpo_config import FGRPOConfig
+
+    kw = {"output_dir": "unused", **CPU_TRAINER_ARGS}
+    with caplog.at_level(logging.INFO, logger="fdpo"):
+        config = FGRPOConfig(beta=0.04, **kw)  # TRL's default bias correction
+    assert (config.divergence_coef, config.estimator, config.beta) == (0.04, "k3_ratio", 0.0)
+    assert "estimator = 'k3_ratio'" in caplog.text
+    config = FGRPOConfig(beta=0.04, use_bias_correction_kl=False, **kw)
+    assert (config.divergence_coef, config.estimator, config.beta) == (0.04, "k3", 0.0)
+    assert FGRPOConfig(beta=0.04, estimator="k3_plus", **kw).estimator == "k3_plus"
+    assert FGRPOConfig(beta=0.04, divergence_coef=0.04, **kw).divergence_coef == 0.04
+    assert FGRPOConfig(**kw).reward_funcs is None  # no silent default reward
+    assert FGRPOConfig("run-dir", **CPU_TRAINER_ARGS).output_dir == "run-dir"  # positional output_dir, as TRL
+
+
+def test_grpo_conflicting_keys_name_both():
+    from fdpo.trainers.grpo_config import FGRPOConfig
+
+    kw = {"output_dir": "unused", **CPU_TRAINER_ARGS}
+    with pytest.raises(ValueError, match=r"(?s)'beta'.*'divergence_coef'"):
+        FGRPOConfig(beta=0.04, divergence_coef=0.1, **kw)
+    with pytest.raises(ValueError, match=r"(?s)'beta'.*'divergence'"):
+        FGRPOConfig(beta=0.04, divergence="js", **kw)
+    with pytest.raises(ValueError, match=r"(?s)'use_bias_correction_kl'.*'estimator'"):
+        FGRPOConfig(beta=0.04, use_bias_correction_kl=False, estimator="k2", **kw)
+
+
+def _grpo_data(task_data_dir: Path, n: int = 16):
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files=str(task_data_dir / "rl.jsonl"), split="train").select(range(n))
+
+
+def test_grpo_without_reward_raises_trls_error(tiny_model_dir, task_data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from fdpo.trainers.grpo_config import FGRPOConfig
+    from fdpo.trainers.grpo_trainer import FGRPOTrainer
+
+    messages = []
+    for config_cls, trainer_cls in ((GRPOConfig, GRPOTrainer), (FGRPOConfig, FGRPOTrainer)):
+        args = config_cls(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, **CPU_TRAINER_ARGS)
+        with pytest.raises(ValueError, match="No reward source provided") as info:
+            trainer_cls(
+                model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                args=args,
+                train_dataset=_grpo_data(task_data_dir),
+                processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+            )
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.usefixtures("parent_defaults")
+def test_grpo_without_args_builds_trls_default(tiny_model_dir, task_data_dir):
+    from test_grpo_trainer import parity_reward
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    from fdpo.trainers.grpo_config import FGRPOConfig
+    from fdpo.trainers.grpo_trainer import FGRPOTrainer
+
+    built = []
+    for cls in (GRPOTrainer, FGRPOTrainer):
+        built.append(
+            cls(
+                AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                parity_reward,
+                train_dataset=_grpo_data(task_data_dir),
+                processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+            )
+        )
+    theirs, ours = built
+    assert isinstance(ours.args, FGRPOConfig) and ours.args.output_dir.endswith("-GRPO")
+    mine = _public_fields(ours.args)
+    for key, value in _public_fields(theirs.args).items():
+        assert mine[key] == value, key
+    assert ours.ref_model is None  # TRL's default beta = 0: no KL term, no reference model
+
+
+def _grpo_run(config_cls, trainer_cls, model_dir, data, out, **kw):
+    from test_grpo_trainer import COMMON, parity_reward
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    trainer = trainer_cls(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        reward_funcs=[parity_reward],
+        args=config_cls(output_dir=str(out), **{**COMMON, "use_cpu": True, **kw}),
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("bias_correction", [True, False], ids=["k3_ratio", "k3"])
+def test_grpo_trl_beta_runs_equal_trl(tiny_model_dir, task_data_dir, tmp_path, bias_correction):
+    """The same TRL config (beta > 0, with or without use_bias_correction_kl) through GRPOTrainer and FGRPOTrainer."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from fdpo.trainers.grpo_config import FGRPOConfig
+    from fdpo.trainers.grpo_trainer import FGRPOTrainer
+
+    data = _grpo_data(task_data_dir)
+    kw = {"beta": 0.5, "use_bias_correction_kl": bias_correction, "max_steps": 2}
+    trl_trainer = _grpo_run(GRPOConfig, GRPOTrainer, tiny_model_dir, data, tmp_path / "trl", **kw)
+    ours = _grpo_run(FGRPOConfig, FGRPOTrainer, tiny_model_dir, data, tmp_path / "fdpo", **kw)
+    assert ours.args.estimator == ("k3_ratio" if bias_correction else "k3") and ours.args.divergence_coef == 0.5
+    h_trl = [h for h in trl_trainer.state.log_history if "loss" in h]
+    h_ours = [h for h in ours.state.log_history if "loss" in h]
+    assert len(h_trl) == len(h_ours) == 2
+    assert max(h["kl"] for h in h_trl) > 1e-4, "the KL term must be active for the comparison to mean anything"
+    for a, b in zip(h_trl, h_ours):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["div/reverse_kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7)
+        assert b["reward"] == a["reward"]
+    for (name, p), (_, q) in zip(trl_trainer.model.named_parameters(), ours.model.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("estimator", "divergence"),
+    [("k1_reward", "reverse_kl"), ("k2", "reverse_kl"), ("k3", "reverse_kl"), ("k3_ratio", "reverse_kl"),
+     ("k3_plus", "reverse_kl"), ("generator", "js"), ("full_vocab", "js")],
+)
+def test_grpo_sync_ref_model_with_every_estimator(tiny_model_dir, task_data_dir, tmp_path, estimator, divergence):
+    """TRL's SyncRefModelCallback with mixup α = 1 every step: the reference becomes the policy after each step."""
+    from fdpo.trainers.grpo_config import FGRPOConfig
+    from fdpo.trainers.grpo_trainer import FGRPOTrainer
+
+    ours = _grpo_run(
+        FGRPOConfig, FGRPOTrainer, tiny_model_dir, _grpo_data(task_data_dir, 8), tmp_path,
+        divergence_coef=0.1, estimator=estimator, divergence=divergence, max_steps=1,
+        sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=1.0,
+    )
+    start = _policy_state(tiny_model_dir)
+    moved = False
+    for (name, p), (_, r) in zip(ours.model.named_parameters(), ours.ref_model.named_parameters()):
+        torch.testing.assert_close(r, p, rtol=0, atol=0, msg=name)
+        moved = moved or not torch.equal(p.detach(), start[name])
+    assert moved, "the policy must have moved for the synced reference to mean anything"
+
+
+def _policy_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT and distillation
+
+
+def _sft_data(task_data_dir: Path, n: int = 8):
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files=str(task_data_dir / "sft.jsonl"), split="train").select(range(n))
+
+
+def _load(model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.mark.usefixtures("parent_defaults")
+def test_sft_without_args_builds_trls_default(tiny_model_dir, task_data_dir):
+    from trl import SFTTrainer
+
+    from fdpo.trainers.sft import FSFTConfig, FSFTTrainer
+
+    built = []
+    for cls in (SFTTrainer, FSFTTrainer):
+        model, tok = _load(tiny_model_dir)
+        built.append(cls(model, train_dataset=_sft_data(task_data_dir), processing_class=tok))
+    theirs, ours = built
+    assert isinstance(ours.args, FSFTConfig) and ours.args.output_dir.endswith("-SFT")
+    mine = _public_fields(ours.args)
+    for key, value in _public_fields(theirs.args).items():
+        assert mine[key] == value, key
+
+
+def test_sft_takes_plain_training_arguments_and_gives_trls_loss(tiny_model_dir, task_data_dir, tmp_path):
+    from transformers import TrainingArguments
+    from trl import SFTTrainer
+
+    from fdpo.trainers.sft import FSFTConfig, FSFTTrainer
+
+    def args():
+        return TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, per_device_train_batch_size=4,
+                                 max_steps=2, **CPU_TRAINER_ARGS)
+
+    built = []
+    for cls in (SFTTrainer, FSFTTrainer):
+        model, tok = _load(tiny_model_dir)
+        built.append(cls(model, args(), train_dataset=_sft_data(task_data_dir), processing_class=tok))
+    theirs, ours = built
+    assert isinstance(ours.args, FSFTConfig) and ours.args.learning_rate == 3e-4 and ours.args.max_steps == 2
+    mine = _public_fields(ours.args)
+    for key, value in _public_fields(theirs.args).items():
+        assert mine[key] == value, key
+    batch = next(iter(theirs.get_train_dataloader()))
+    _assert_same_loss_and_grads(theirs, ours, batch, "sft")
+
+
+def _gkd_pair(tiny_model_dir, task_data_dir, tmp_path, trl_beta):
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from fdpo.trainers.distill import FDistillConfig, FDistillTrainer
+
+    kw = {**CPU_TRAINER_ARGS, "per_device_train_batch_size": 4, "max_length": 64}
+    if trl_beta is not None:
+        kw["beta"] = trl_beta
+    built = []
+    for config_cls, trainer_cls in ((GKDConfig, GKDTrainer), (FDistillConfig, FDistillTrainer)):
+        student, tok = _load(tiny_model_dir)
+        teacher = _policy(tiny_model_dir)  # a teacher that differs from the student
+        built.append(trainer_cls(
+            model=student, teacher_model=teacher, args=config_cls(output_dir=str(tmp_path), **kw),
+            train_dataset=_sft_data(task_data_dir).map(lambda r: {"messages": r["prompt"] + r["completion"]},
+                                                       remove_columns=["prompt", "completion"]),
+            processing_class=tok,
+        ))
+    return built
+
+
+@pytest.mark.parametrize("trl_beta", [None, 0.3, 0.0], ids=["default", "beta0.3", "beta0"])
+def test_distill_default_and_trl_beta_give_gkds_loss(tiny_model_dir, task_data_dir, tmp_path, trl_beta):
+    theirs, ours = _gkd_pair(tiny_model_dir, task_data_dir, tmp_path, trl_beta)
+    expected = {None: ("generalized_jsd", 0.5), 0.3: ("generalized_jsd", 0.7), 0.0: ("forward_kl", None)}[trl_beta]
+    assert (ours.args.divergence, (ours.args.divergence_params or {}).get("beta")) == pytest.approx(expected)
+    batch = next(iter(theirs.get_train_dataloader()))
+    _assert_same_loss_and_grads(theirs, ours, batch, f"GKD beta={trl_beta}")
+
+
+def test_overridden_methods_keep_the_parents_signatures():
+    import inspect
+
+    from trl import DPOTrainer, GRPOTrainer, SFTTrainer
+    from trl.experimental.gkd import GKDTrainer
+
+    from fdpo.trainers.distill import FDistillTrainer
+    from fdpo.trainers.grpo_trainer import FGRPOTrainer
+    from fdpo.trainers.sft import FSFTTrainer
+
+    assert isinstance(inspect.getattr_static(FDistillTrainer, "generate_on_policy_outputs"), staticmethod)
+    for ours, parent in ((FDPOTrainer, DPOTrainer), (FSFTTrainer, SFTTrainer), (FGRPOTrainer, GRPOTrainer),
+                         (FDistillTrainer, GKDTrainer)):
+        for name in vars(ours):
+            if (name.startswith("__") and name != "__init__") or not callable(getattr(parent, name, None)):
+                continue
+            mine = inspect.signature(getattr(ours, name)).parameters
+            theirs = inspect.signature(getattr(parent, name)).parameters
+            kinds = [p.kind for p in mine.values()]
+            if name.startswith("_") and name != "__init__" and inspect.Parameter.VAR_KEYWORD in kinds:
+                # a private pass-through (…, *args, **kwargs) forwards whatever TRL passes
+                head = [k for k, p in mine.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+                assert head == list(theirs)[: len(head)], (ours.__name__, name)
+                continue
+            # every parent parameter, in order, with its default; fdpo may only append keyword-only ones
+            assert list(mine)[: len(theirs)] == list(theirs), (ours.__name__, name)
+            for key, p in theirs.items():
+                assert mine[key].default == p.default and mine[key].kind == p.kind, (ours.__name__, name, key)
+            extra = [p for k, p in mine.items() if k not in theirs]
+            assert all(p.kind == p.KEYWORD_ONLY for p in extra), (ours.__name__, name, extra)

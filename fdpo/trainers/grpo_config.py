@@ -5,6 +5,7 @@ The trainer is `fdpo.trainers.grpo_trainer.FGRPOTrainer` (config and trainer in 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -13,7 +14,10 @@ from fdpo.data.presample_settings import PresampleArguments
 from fdpo.divergences import get_divergence
 from fdpo.losses.grpo_penalty import ESTIMATORS, check_estimator
 from fdpo.trainers.divergence_choice import DivergenceChoice
+from fdpo.trainers.guards import NonFiniteStop
 
+logger = logging.getLogger("fdpo")
+_DEFAULT_ESTIMATOR = "k3_ratio"
 _ESTIMATOR_HELP = (
     "How η·D_f(π‖π_ref) is estimated on rollouts and which gradient it follows (docs/objectives.md §1): "
     "`k1_reward`: k1 = log π − log π_ref summed over the completion and subtracted from the reward before the "
@@ -22,30 +26,33 @@ _ESTIMATOR_HELP = (
     "`k2`: ½ℓ² as a loss (biased value) → ∇KL(π‖π_ref). "
     "`k3`: e^−ℓ − 1 + ℓ as a loss (unbiased value of the reverse KL) → ∇KL(π_ref‖π), the FORWARD-KL gradient. "
     "`k3_ratio`: (π/π_old)·k3 (TRL 1.16's default `use_bias_correction_kl`) → ∇KL(π‖π_ref), reverse. "
+    "`k3_plus`: ½ℓ² + sg(k3 − ½ℓ²), k3's value (unbiased, ≥ 0) with k2's gradient → ∇KL(π‖π_ref) (straight-through). "
     "`generator`: (π/π_old)·f̃(u)/u, the unbiased E_π[f(u)/u] with its score-function term → ∇D_f(π‖π_ref), "
     "any registered f. "
     "`full_vocab`: Σ_v π_ref f(π/π_ref) exactly at every completion position (chunked) → ∇D_f(π‖π_ref) exactly. "
-    "k1_reward, k2, k3 and k3_ratio need `divergence: reverse_kl`. All are per-position (prefix held fixed), as "
+    "k1_reward, k2, k3, k3_ratio and k3_plus need `divergence: reverse_kl`. All are per-position (prefix held fixed), as "
     "TRL's k3; values and gradients are at the sampling temperature. The ratio π/π_old is per token even with "
     "`importance_sampling_level: sequence` (where TRL would use the sequence-level ratio)."
 )
 
 
 @dataclass
-class FGRPOConfig(DivergenceChoice, GRPOConfig, PresampleArguments):
+class FGRPOConfig(DivergenceChoice, NonFiniteStop, PresampleArguments, GRPOConfig):  # output_dir first, as TRL
     """Configuration of `FGRPOTrainer`: every field of `trl.GRPOConfig`, plus the divergence penalty.
 
-    TRL's `beta` must stay 0: set `divergence_coef` (η) and `estimator` instead; `estimator: k3_ratio` with
-    `divergence: reverse_kl` is TRL's `beta = η` with its default bias correction. The keys of
+    TRL's `beta` b is understood: it becomes `divergence_coef: b` with `estimator: k3_ratio` (TRL's default
+    `use_bias_correction_kl: true`) or `estimator: k3` (false), and `beta` is then 0. `reward_funcs` has no
+    default: without reward functions (here or as the trainer's argument) TRL's error stands. The keys of
     `fdpo presample` (`presample_n`, `pef_threshold`, ...) are accepted so one recipe serves both stages.
     `loss_type` also takes `disco` (DisCO, docs/objectives.md §8) and `fdpg` (f-DPG, §9).
     """
 
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["synthetic_task"],
+    reward_funcs: list[str] | None = field(
+        default=None,
         metadata={
             "help": "Reward functions by name (fdpo.rewards: `synthetic_task`, a task name such as `sum_pairs`, "
-            "`math_verify`, `exact_match`) or dotted path `pkg.module:function`; weights in `reward_weights`."
+            "`math_verify`, `exact_match`) or dotted path `pkg.module:function`; weights in `reward_weights`. "
+            "Used when the trainer gets no `reward_funcs` argument; none at all is TRL's error."
         },
     )
     divergence_coef: float = field(
@@ -53,7 +60,7 @@ class FGRPOConfig(DivergenceChoice, GRPOConfig, PresampleArguments):
         metadata={"help": "η, the coefficient of the divergence penalty (0: no penalty, no reference model)."},
     )
     estimator: str = field(
-        default="k3_ratio", metadata={"help": _ESTIMATOR_HELP, "choices": list(ESTIMATORS)}
+        default=_DEFAULT_ESTIMATOR, metadata={"help": _ESTIMATOR_HELP, "choices": list(ESTIMATORS)}
     )
     full_vocab_chunk_size: int | None = field(
         default=None,
@@ -162,12 +169,37 @@ class FGRPOConfig(DivergenceChoice, GRPOConfig, PresampleArguments):
         sampled_penalty = self.divergence_coef > 0 and self.estimator != "full_vocab"
         return sampled_penalty or self.chi2_coef > 0 or self.loss_type == "fdpg"
 
-    def __post_init__(self):
-        if self.beta != 0.0:
+    def _translate_trl_beta(self) -> None:
+        """TRL's `beta` b > 0 (its inline reverse-KL k3 term) → `divergence_coef: b` with `estimator: k3_ratio`
+        (`use_bias_correction_kl: true`, TRL's default) or `k3` (false); `beta` is then 0, so TRL adds no KL of
+        its own beside fdpo's (docs/objectives.md §6.2)."""
+        if self.beta == 0.0:
+            return
+        trl_estimator = "k3_ratio" if self.use_bias_correction_kl else "k3"
+        if self.divergence_coef not in (0.0, self.beta):
             raise ValueError(
-                f"FGRPOConfig: key 'beta' = {self.beta}: set `divergence_coef` (η) and `estimator` instead of TRL's "
-                "`beta` (TRL's default is `estimator: k3_ratio` with `divergence: reverse_kl`)."
+                f"FGRPOConfig: keys 'beta' = {self.beta} (TRL's KL coefficient, i.e. divergence_coef) and "
+                f"'divergence_coef' = {self.divergence_coef} disagree; set only one of them."
             )
+        if get_divergence(self.divergence, **self.divergence_kwargs()).canonical != "reverse_kl":
+            raise ValueError(
+                f"FGRPOConfig: key 'beta' = {self.beta} is TRL's reverse-KL penalty, but key 'divergence' is "
+                f"{self.divergence!r}; set `divergence_coef` (η) with `estimator` for another divergence."
+            )
+        if self.estimator not in (_DEFAULT_ESTIMATOR, trl_estimator) and not self.use_bias_correction_kl:
+            raise ValueError(
+                f"FGRPOConfig: keys 'use_bias_correction_kl' = false (TRL's k3) and 'estimator' = {self.estimator!r} "
+                "disagree; set only one of them."
+            )
+        estimator = trl_estimator if self.estimator == _DEFAULT_ESTIMATOR else self.estimator
+        logger.info(
+            "FGRPOConfig: TRL's beta = %g (use_bias_correction_kl = %s) is divergence_coef = %g with estimator = %r.",
+            self.beta, self.use_bias_correction_kl, self.beta, estimator,
+        )
+        self.divergence_coef, self.estimator, self.beta = self.beta, estimator, 0.0
+
+    def __post_init__(self):
+        self._translate_trl_beta()
         if self.divergence_coef < 0:
             raise ValueError(f"FGRPOConfig: key 'divergence_coef' must be ≥ 0, got {self.divergence_coef}.")
         for key in ("chi2_coef", "rehearsal_coef"):

@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
 from fdpo.divergences import full_vocab_divergence_from_hidden
 from fdpo.losses.chi2 import chi2_penalty
@@ -44,7 +44,7 @@ from fdpo.losses.dph import rehearsal_loss
 from fdpo.losses.fdpg import FDPGState, fdpg_loss
 from fdpo.losses.grpo_penalty import ESTIMATORS, group_advantages, per_token_penalty, sequence_k1
 from fdpo.trainers.grpo_config import FGRPOConfig
-from fdpo.trainers.guards import check_finite_terms
+from fdpo.trainers.guards import add_non_finite_stop, check_finite_if_enabled
 from fdpo.trainers.model_access import (
     backbone,
     check_plain_head,
@@ -53,6 +53,7 @@ from fdpo.trainers.model_access import (
     reference_forward,
     sharding,
 )
+from fdpo.trainers.trl_args import as_config, default_args
 
 __all__ = ["FGRPOConfig", "FGRPOTrainer"]
 
@@ -74,20 +75,43 @@ class FGRPOTrainer(GRPOTrainer):
     def beta(self, value: float) -> None:  # TRL's assignment of args.beta (always 0 here) is ignored
         pass
 
-    def __init__(self, model, reward_funcs=None, args: FGRPOConfig | None = None, *pargs, callbacks=None, **kwargs):
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any = None,
+        args: GRPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        reward_processing_classes: Any = None,
+        callbacks: Any = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        tools: Any = None,
+        rollout_func: Any = None,
+        environment_factory: Any = None,
+    ):
+        """`trl.GRPOTrainer`'s signature. `args` may be omitted (TRL's default config, as an `FGRPOConfig`) or a
+        plain `trl.GRPOConfig` (every field kept, TRL's `beta` translated). Reward functions: the argument, else
+        `args.reward_funcs` by name; neither is TRL's "No reward source provided" error."""
         from fdpo.rewards.registry import get_reward_function
 
-        if args is None or not isinstance(args, FGRPOConfig):
-            raise TypeError("FGRPOTrainer needs `args` of type FGRPOConfig")
-        if reward_funcs is None:
+        args = default_args(FGRPOConfig, model, "GRPO") if args is None else as_config(FGRPOConfig, args, GRPOConfig)
+        if reward_funcs is None and args.reward_funcs:
             reward_funcs = [get_reward_function(name) for name in args.reward_funcs]
+        if args.sync_ref_model and not args.needs_reference:
+            raise ValueError(
+                "FGRPOTrainer: key 'sync_ref_model' is true but no term uses the reference model (divergence_coef = 0, "
+                "chi2_coef = 0, loss_type not fdpg); set `divergence_coef` (or TRL's `beta`) or `sync_ref_model: false`."
+            )
         self.fdpo_divergence = args.resolved_divergence()
         self.fdpo_estimator = ESTIMATORS[args.estimator]
         self._fdpo_ref_logps = args.needs_ref_logps
         self._fdpo_ref_hidden = args.divergence_coef > 0 and args.estimator == "full_vocab"
         self.fdpg_state = FDPGState(baseline_momentum=args.fdpg_baseline_momentum) if args.loss_type == "fdpg" else None
         if args.rehearsal_file is not None and args.rehearsal_train_on_exp:
-            kwargs["train_dataset"] = self._d_exp_dataset(args)
+            train_dataset = self._d_exp_dataset(args)
         # non-zero while TRL builds its reference model, only if a term needs one
         self._fdpo_trl_beta = 1.0 if args.needs_reference else 0.0
         self._fdpo_in_loss = False
@@ -98,7 +122,23 @@ class FGRPOTrainer(GRPOTrainer):
             from fdpo.eval.callback import PassAtKCallback
 
             callbacks.append(PassAtKCallback())
-        super().__init__(model, reward_funcs, args, *pargs, callbacks=callbacks, **kwargs)
+        super().__init__(
+            model,
+            reward_funcs,
+            args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
+        )
+        add_non_finite_stop(self)
         self._fdpo_trl_beta = 0.0
         for cb in self.callback_handler.callbacks:
             if hasattr(cb, "bind"):
@@ -522,6 +562,6 @@ class FGRPOTrainer(GRPOTrainer):
             terms["penalty/chi2_occupancy"] = self._chi2_term(inputs, mask.float(), mode)
         if rehearsal is not None:
             terms[f"rehearsal/{self.args.rehearsal_divergence}"] = rehearsal
-        check_finite_terms(terms, step=self.state.global_step + 1)
+        check_finite_if_enabled(self.args, terms, step=self.state.global_step + 1)
         self._fdpo_capture = {}
         return sum(terms.values())
