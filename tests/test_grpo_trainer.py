@@ -116,7 +116,7 @@ def test_full_vocab_skips_reference_logps(tiny_model_dir, task_data_dir, tmp_pat
         divergence_coef=0.5, estimator="full_vocab", divergence="js",
     )
     batch = tr._buffered_inputs[0]
-    assert "ref_per_token_logps" not in batch and "fdpo_ref_hidden" in batch
+    assert "ref_per_token_logps" not in batch and "ref_hidden_states" in batch
     vals = [h["div/js"] for h in tr.state.log_history if "div/js" in h]
     assert vals[0] == pytest.approx(0.0, abs=1e-6) and vals[-1] > 1e-5
 
@@ -130,7 +130,7 @@ def test_disco_regroups_shuffled_rollouts(tiny_model_dir, task_data_dir, tmp_pat
               max_steps=1)
     assert tr.ref_model is None
     batch = tr._buffered_inputs[0]
-    groups = batch["fdpo_group"]
+    groups = batch["group_index"]
     assert not torch.equal(groups, groups.sort().values), "expected TRL to have shuffled the rows"
     for g in groups.unique():
         rows = (groups == g).nonzero().flatten()

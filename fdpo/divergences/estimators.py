@@ -140,7 +140,7 @@ def kl_k3_plus(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
     Value: k3 = r − 1 − log r exactly, so unbiased for KL(π‖π_ref) and ≥ 0 (low variance).
     Gradient: ∇k2 = ℓ∇ℓ, so E_π[∇k3⁺] = ∇KL(π‖π_ref): the reverse-KL gradient that k3 itself lacks,
-    without an importance ratio (the form verl / NeMo-RL users call "k3+"; docs/objectives.md §1.3).
+    without an importance ratio (the form verl / NeMo-RL users call "k3+"; docs/objectives.md §6.1).
     """
     k2 = kl_k2(logp, ref_logp)
     return k2 + (kl_k3(logp, ref_logp) - k2).detach()

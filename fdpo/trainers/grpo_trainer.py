@@ -69,7 +69,7 @@ class FGRPOTrainer(GRPOTrainer):
     # TRL assigns `self.beta = args.beta` (0 for FGRPOConfig) and then reads it; see the module docstring.
     @property
     def beta(self) -> float:
-        return self.__dict__.get("_fdpo_trl_beta", 0.0)
+        return self.__dict__.get("_beta_seen_by_trl", 0.0)
 
     @beta.setter
     def beta(self, value: float) -> None:  # TRL's assignment of args.beta (always 0 here) is ignored
@@ -105,18 +105,18 @@ class FGRPOTrainer(GRPOTrainer):
                 "FGRPOTrainer: key 'sync_ref_model' is true but no term uses the reference model (divergence_coef = 0, "
                 "chi2_coef = 0, loss_type not fdpg); set `divergence_coef` (or TRL's `beta`) or `sync_ref_model: false`."
             )
-        self.fdpo_divergence = args.resolved_divergence()
-        self.fdpo_estimator = ESTIMATORS[args.estimator]
-        self._fdpo_ref_logps = args.needs_ref_logps
-        self._fdpo_ref_hidden = args.divergence_coef > 0 and args.estimator == "full_vocab"
+        self.penalty_divergence = args.resolved_divergence()
+        self.penalty_estimator = ESTIMATORS[args.estimator]
+        self._needs_ref_logps = args.needs_ref_logps
+        self._needs_ref_hidden = args.divergence_coef > 0 and args.estimator == "full_vocab"
         self.fdpg_state = FDPGState(baseline_momentum=args.fdpg_baseline_momentum) if args.loss_type == "fdpg" else None
         if args.rehearsal_file is not None and args.rehearsal_train_on_exp:
             train_dataset = self._d_exp_dataset(args)
         # non-zero while TRL builds its reference model, only if a term needs one
-        self._fdpo_trl_beta = 1.0 if args.needs_reference else 0.0
-        self._fdpo_in_loss = False
-        self._fdpo_capture: dict[str, Any] = {}
-        self._fdpo_rewards_per_func: torch.Tensor | None = None
+        self._beta_seen_by_trl = 1.0 if args.needs_reference else 0.0
+        self._in_penalty_loss = False
+        self._policy_capture: dict[str, Any] = {}
+        self._rewards_per_func: torch.Tensor | None = None
         callbacks = list(callbacks or [])
         if args.eval_task is not None:
             from fdpo.eval.callback import PassAtKCallback
@@ -139,11 +139,11 @@ class FGRPOTrainer(GRPOTrainer):
             environment_factory=environment_factory,
         )
         add_non_finite_stop(self)
-        self._fdpo_trl_beta = 0.0
+        self._beta_seen_by_trl = 0.0
         for cb in self.callback_handler.callbacks:
             if hasattr(cb, "bind"):
                 cb.bind(self)
-        if self._fdpo_ref_hidden:
+        if self._needs_ref_hidden:
             self._check_full_vocab_model()
         self.rehearsal = self._open_rehearsal() if args.rehearsal_file is not None else None
 
@@ -151,7 +151,7 @@ class FGRPOTrainer(GRPOTrainer):
 
     STATE_FILE: ClassVar[str] = "fdpo_grpo_state.json"
 
-    def _fdpo_state(self) -> dict[str, Any]:
+    def _extra_state(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.rehearsal is not None:
             out["rehearsal"] = self.rehearsal.state_dict()
@@ -161,7 +161,7 @@ class FGRPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        state = self._fdpo_state()
+        state = self._extra_state()
         if state and self.args.should_save:
             import json
             import os
@@ -280,11 +280,11 @@ class FGRPOTrainer(GRPOTrainer):
         ref = self.model_wrapped if self.ref_model is None else self.ref_model
         with lm_head(self.accelerator, self.model_wrapped) as (w, b), lm_head(self.accelerator, ref) as (rw, rb):
             return full_vocab_divergence_from_hidden(
-                self._fdpo_capture["hidden"],
+                self._policy_capture["hidden"],
                 w,
-                inputs["fdpo_ref_hidden"],
+                inputs["ref_hidden_states"],
                 rw.detach(),
-                self.fdpo_divergence,
+                self.penalty_divergence,
                 mask.bool(),
                 lm_head_bias=b,
                 ref_lm_head_bias=None if rb is None else rb.detach(),
@@ -298,34 +298,34 @@ class FGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._fdpo_rewards_per_func = rewards_per_func
+        self._rewards_per_func = rewards_per_func
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        self._fdpo_trl_beta = 1.0 if self._fdpo_ref_logps else 0.0
+        self._beta_seen_by_trl = 1.0 if self._needs_ref_logps else 0.0
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._fdpo_trl_beta = 0.0
+            self._beta_seen_by_trl = 0.0
         mode = "train" if self.model.training else "eval"
         self._log_group_pass_rates(mode)
         if self.args.divergence_coef > 0 and self.args.estimator == "k1_reward":
             self._fold_k1_into_advantages(output, mode)
-        if self._fdpo_ref_hidden:
-            output["fdpo_ref_hidden"] = self._reference_hidden_states(output)
+        if self._needs_ref_hidden:
+            output["ref_hidden_states"] = self._reference_hidden_states(output)
         if self.loss_type in ("disco", "fdpg"):
             self._add_sequence_rewards(output, mode)
         return output
 
     def _add_sequence_rewards(self, output: dict[str, Any], mode: str) -> None:
         """Local per-rollout rewards and group ids (DisCO regroups shuffled rows; f-DPG's target needs r)."""
-        rpf = self._fdpo_rewards_per_func
+        rpf = self._rewards_per_func
         rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
         local = output["completion_ids"].size(0)
         start = self.accelerator.process_index * local
         n = self.num_generations if mode == "train" else self.num_generations_eval
-        output["fdpo_rewards"] = rewards[start : start + local]
-        output["fdpo_group"] = torch.arange(start, start + local, device=rewards.device) // n
+        output["group_rewards"] = rewards[start : start + local]
+        output["group_index"] = torch.arange(start, start + local, device=rewards.device) // n
         if self.loss_type == "fdpg" and mode == "train":
             self._update_fdpg_log_z(output)
 
@@ -336,7 +336,7 @@ class FGRPOTrainer(GRPOTrainer):
         old = logps.detach() if old is None and logps is not None else old
         log_q = None if old is None else (old.float() * mask).sum(-1)
         log_a = (inputs["ref_per_token_logps"].float() * mask).sum(-1)
-        r = inputs["fdpo_rewards"].float()
+        r = inputs["group_rewards"].float()
         if self.args.fdpg_target == "constraint":
             log_p = torch.where(r >= 0.5, log_a, torch.full_like(log_a, -float("inf")))
         else:
@@ -359,7 +359,7 @@ class FGRPOTrainer(GRPOTrainer):
         self.fdpg_state.update_log_z(self.accelerator.gather(log_p), self.accelerator.gather(log_q))
 
     def _log_group_pass_rates(self, mode: str) -> None:
-        rpf = self._fdpo_rewards_per_func
+        rpf = self._rewards_per_func
         if rpf is None:
             return
         n = self.num_generations if mode == "train" else self.num_generations_eval
@@ -383,7 +383,7 @@ class FGRPOTrainer(GRPOTrainer):
             )
         k1 = sequence_k1(old, output["ref_per_token_logps"], mask)
         all_k1 = self.accelerator.gather(k1)
-        rpf = self._fdpo_rewards_per_func
+        rpf = self._rewards_per_func
         rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
         rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
         n = self.num_generations if mode == "train" else self.num_generations_eval
@@ -392,18 +392,18 @@ class FGRPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * local
         output["advantages"] = advantages[start : start + local]
         tokens = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
-        self._metrics[mode][f"div/{self.fdpo_divergence.label}"].append((all_k1.sum() / tokens).item())
+        self._metrics[mode][f"div/{self.penalty_divergence.label}"].append((all_k1.sum() / tokens).item())
         self._metrics[mode]["k1_reward/penalty"].append((self.args.divergence_coef * all_k1).mean().item())
 
     # ------------------------------------------------------------------ loss side
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        if not self._fdpo_in_loss:
+        if not self._in_penalty_loss:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
         handle = None
-        if self._fdpo_ref_hidden:
+        if self._needs_ref_hidden:
             hiddens: list[torch.Tensor] = []
             handle = backbone(self.accelerator, model).register_forward_hook(lambda _m, _i, out: hiddens.append(out.last_hidden_state))
         try:
@@ -413,9 +413,9 @@ class FGRPOTrainer(GRPOTrainer):
         finally:
             if handle is not None:
                 handle.remove()
-        self._fdpo_capture["logps"] = result[0]
+        self._policy_capture["logps"] = result[0]
         if handle is not None:
-            self._fdpo_capture["hidden"] = torch.cat([h[:, -logits_to_keep - 1 : -1] for h in hiddens], dim=0)
+            self._policy_capture["hidden"] = torch.cat([h[:, -logits_to_keep - 1 : -1] for h in hiddens], dim=0)
         return result
 
     def _token_weights(self, mask: torch.Tensor, inputs: dict[str, Any], mode: str) -> torch.Tensor:
@@ -440,18 +440,18 @@ class FGRPOTrainer(GRPOTrainer):
 
     def _penalty(self, inputs: dict[str, Any], weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """η·Σ w·penalty, and the metric div/<label> (the weighted mean of the regularised per-token value)."""
-        logps = self._fdpo_capture["logps"]
+        logps = self._policy_capture["logps"]
         est = self.args.estimator
         if est == "full_vocab":
             value = in_forward(self.accelerator, self.model_wrapped, self._full_vocab_value, inputs, weights, mask)
         else:
             per_token = per_token_penalty(
-                est, self.fdpo_divergence, logps, inputs["ref_per_token_logps"], inputs.get("old_per_token_logps")
+                est, self.penalty_divergence, logps, inputs["ref_per_token_logps"], inputs.get("old_per_token_logps")
             )
             value = (weights * per_token).sum()
         stats = self.accelerator.reduce(torch.stack([value.detach().float(), weights.sum().float()]), reduction="sum")
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode][f"div/{self.fdpo_divergence.label}"].append((stats[0] / stats[1].clamp(min=1e-30)).item())
+        self._metrics[mode][f"div/{self.penalty_divergence.label}"].append((stats[0] / stats[1].clamp(min=1e-30)).item())
         return self.args.divergence_coef * value
 
     def _log_metrics(self, metrics: dict[str, torch.Tensor], mode: str, prefix: str = "") -> None:
@@ -461,7 +461,7 @@ class FGRPOTrainer(GRPOTrainer):
 
     def _policy_objective(self, model, inputs, mode: str) -> torch.Tensor:
         """TRL's policy loss (its loss_type), or DisCO / f-DPG on the same rollouts; captures log π."""
-        self._fdpo_in_loss = True
+        self._in_penalty_loss = True
         try:
             if self.loss_type not in ("disco", "fdpg"):
                 return super()._compute_loss(model, inputs)
@@ -471,7 +471,7 @@ class FGRPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=True
             )
         finally:
-            self._fdpo_in_loss = False
+            self._in_penalty_loss = False
         mask = inputs["completion_mask"].float()
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         self._metrics[mode]["entropy"].append(
@@ -479,9 +479,9 @@ class FGRPOTrainer(GRPOTrainer):
         )
         old = inputs.get("old_per_token_logps")
         if self.loss_type == "disco":
-            order = torch.argsort(inputs["fdpo_group"], stable=True)  # rows of one question together again
+            order = torch.argsort(inputs["group_index"], stable=True)  # rows of one question together again
             loss, metrics = disco_loss(
-                logps[order], mask[order], inputs["fdpo_rewards"][order], self.num_generations
+                logps[order], mask[order], inputs["group_rewards"][order], self.num_generations
                 if mode == "train" else self.num_generations_eval,
                 old_token_logps=None if old is None else old[order],
                 score=self.args.disco_score,
@@ -494,7 +494,7 @@ class FGRPOTrainer(GRPOTrainer):
         else:
             log_q, log_p = self._fdpg_sequences(inputs, mask, logps)
             loss, metrics = fdpg_loss(
-                (logps * mask).sum(-1), log_q, log_p, self.fdpo_divergence,
+                (logps * mask).sum(-1), log_q, log_p, self.penalty_divergence,
                 log_z=self.fdpg_state.log_z, baseline=self.fdpg_state.baseline,
             )
             if mode == "train":
@@ -525,13 +525,13 @@ class FGRPOTrainer(GRPOTrainer):
                 metrics["rehearsal/logratio_abs_max"] = self.accelerator.gather(
                     metrics["rehearsal/logratio_abs_max"].reshape(1)).max()
             metrics["rehearsal/tokens"] = total
-        clash = self.args.divergence_coef > 0 and f"div/{self.fdpo_divergence.label}" in metrics
+        clash = self.args.divergence_coef > 0 and f"div/{self.penalty_divergence.label}" in metrics
         self._log_metrics(metrics if not clash else {("rehearsal/" + k): v for k, v in metrics.items()}, mode)
         return self.args.rehearsal_coef * loss / self.current_gradient_accumulation_steps
 
     def _chi2_term(self, inputs: dict[str, Any], mask: torch.Tensor, mode: str) -> torch.Tensor:
         """chi2_coef · √χ² (or χ²) of the sequence log-ratios of this micro-batch's rollouts (Correlated Proxies)."""
-        logps = self._fdpo_capture["logps"]
+        logps = self._policy_capture["logps"]
         seq = ((logps.float() - inputs["ref_per_token_logps"].float()) * mask).sum(-1)
         penalty, metrics = chi2_penalty(seq, sqrt=self.args.chi2_sqrt)
         self._log_metrics(metrics, mode)
@@ -539,7 +539,7 @@ class FGRPOTrainer(GRPOTrainer):
         return self.args.chi2_coef * penalty / accum
 
     def _compute_loss(self, model, inputs):
-        self._fdpo_capture = {}
+        self._policy_capture = {}
         mode = "train" if self.model.training else "eval"
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
         # DPH-RL: the rehearsal forward runs BEFORE the policy forward. Autograd's engine runs the ready node with
@@ -551,17 +551,17 @@ class FGRPOTrainer(GRPOTrainer):
         if self.rehearsal is not None and mode == "train" and self.args.rehearsal_coef > 0:
             rehearsal = self._rehearsal_term(model, mode)
         terms: dict[str, torch.Tensor] = {"policy_loss": self._policy_objective(model, inputs, mode)}
-        if self.args.divergence_coef > 0 and not self.fdpo_estimator.in_reward:
+        if self.args.divergence_coef > 0 and not self.penalty_estimator.in_reward:
             if self.loss_type in ("disco", "fdpg"):
                 accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
                 weights = mask.float() / mask.sum().clamp(min=1.0) / accum  # token mean
             else:
                 weights = self._token_weights(mask, inputs, mode)
-            terms[f"penalty/{self.fdpo_divergence.label}"] = self._penalty(inputs, weights, mask)
+            terms[f"penalty/{self.penalty_divergence.label}"] = self._penalty(inputs, weights, mask)
         if self.args.chi2_coef > 0:
             terms["penalty/chi2_occupancy"] = self._chi2_term(inputs, mask.float(), mode)
         if rehearsal is not None:
             terms[f"rehearsal/{self.args.rehearsal_divergence}"] = rehearsal
         check_finite_if_enabled(self.args, terms, step=self.state.global_step + 1)
-        self._fdpo_capture = {}
+        self._policy_capture = {}
         return sum(terms.values())

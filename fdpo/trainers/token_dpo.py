@@ -54,7 +54,7 @@ from fdpo.losses.token_level import (
 )
 from fdpo.losses.token_masks import MASK_TARGETS, TokenMaskNetworks, activation_mask
 from fdpo.trainers.dpo import FDPOConfig, FDPOTrainer
-from fdpo.trainers.guards import check_finite_terms
+from fdpo.trainers.guards import check_finite_if_enabled
 from fdpo.trainers.model_access import check_plain_logits, in_forward, lm_head, reference_forward
 from fdpo.trainers.token_dpo_data import DECISIVE_COLUMNS, DecisiveCollator, content, decisive_token_flags
 
@@ -442,7 +442,7 @@ class TokenDPOTrainer(FDPOTrainer):
         )
         loss = per_pair.mean()
         if self.model.training:
-            check_finite_terms({args.objective: loss}, step=self.state.global_step + 1)
+            check_finite_if_enabled(args, {args.objective: loss}, step=self.state.global_step + 1)
 
         self._log_token_metrics(mode, metrics, kl, shift_mask, masks, inputs.get("decisive_mask"), logps)
         fused_like = SimpleNamespace(
