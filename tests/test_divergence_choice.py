@@ -66,7 +66,8 @@ def test_one_canonical_form_stored():
     assert (a.divergence, a.alpha, a.divergence_params) == ("alpha", 0.3, None)
     s = FSFTConfig(bf16=False, divergence="gjsd", divergence_params={"beta": 0.25})
     assert (s.divergence, s.alpha, s.divergence_params) == ("generalized_jsd", None, {"beta": 0.25})
-    assert FDistillConfig(bf16=False).divergence == "forward_kl"
+    gkd = FDistillConfig(bf16=False)  # GKD's default loss: the generalised JSD with TRL's beta 0.5
+    assert (gkd.divergence, gkd.divergence_params) == ("generalized_jsd", {"beta": 0.5})
     assert FDistillConfig(bf16=False, divergence="balanced_kl").divergence == "bdkd"
     with pytest.raises(ValueError, match="FDPOConfig: divergence='total_variation'"):
         FDPOConfig(bf16=False, divergence="total_variation")
