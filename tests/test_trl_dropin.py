@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from test_fdpo_loss import tiny_model, tiny_tokenizer
+from dpo_fixtures import tiny_model, tiny_tokenizer
 from trainer_args import CPU_TRAINER_ARGS
 
 from fdpo.losses.fdpo_loss import LOG_RATIO_LOSS_TYPES, LOSS_TYPES, SCORE_LOSS_TYPES
@@ -296,6 +297,18 @@ def test_grpo_conflicting_keys_name_both():
         FGRPOConfig(beta=0.04, use_bias_correction_kl=False, estimator="k2", **kw)
 
 
+GRPO_ARGS = {
+    **CPU_TRAINER_ARGS, "max_steps": 3, "per_device_train_batch_size": 8, "num_generations": 4,
+    "max_completion_length": 6, "learning_rate": 3e-3, "seed": 0,
+}
+
+
+def parity_reward(prompts, completions, **kwargs):
+    """A deterministic 0/1 reward of the completion text (an untrained model gets non-zero advantages)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float(zlib.crc32(t.encode()) % 2) for t in texts]
+
+
 def _grpo_data(task_data_dir: Path, n: int = 16):
     from datasets import load_dataset
 
@@ -325,7 +338,6 @@ def test_grpo_without_reward_raises_trls_error(tiny_model_dir, task_data_dir, tm
 
 @pytest.mark.usefixtures("parent_defaults")
 def test_grpo_without_args_builds_trls_default(tiny_model_dir, task_data_dir):
-    from test_grpo_trainer import parity_reward
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
@@ -351,14 +363,13 @@ def test_grpo_without_args_builds_trls_default(tiny_model_dir, task_data_dir):
 
 
 def _grpo_run(config_cls, trainer_cls, model_dir, data, out, **kw):
-    from test_grpo_trainer import COMMON, parity_reward
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     trainer = trainer_cls(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         reward_funcs=[parity_reward],
-        args=config_cls(output_dir=str(out), **{**COMMON, "use_cpu": True, **kw}),
+        args=config_cls(output_dir=str(out), **{**GRPO_ARGS, **kw}),
         train_dataset=data,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )
