@@ -123,7 +123,7 @@ def test_full_vocab_skips_reference_logps(tiny_model_dir, task_data_dir, tmp_pat
 
 def test_disco_regroups_shuffled_rollouts(tiny_model_dir, task_data_dir, tmp_path):
     """TRL shuffles the generation batch; DisCO's groups must be whole questions again: rows with the same
-    `fdpo_group` carry the same prompt, every group has num_generations rows, and no reference is loaded."""
+    `group_index` carry the same prompt, every group has num_generations rows, and no reference is loaded."""
     from fdpo.trainers.grpo_trainer import FGRPOConfig, FGRPOTrainer
 
     tr = _run(FGRPOConfig, FGRPOTrainer, tiny_model_dir, _data(task_data_dir), tmp_path / "disco", loss_type="disco",
