@@ -86,22 +86,6 @@ def _tensor_bytes(model) -> int:
     return total
 
 
-def _allocator_peak(prof) -> tuple[int, int]:
-    """(peak, final) live bytes of torch's CPU allocator from a profile_memory trace (all events, in order)."""
-    import torch
-
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak, live
-
-
 class _Timers:
     """Wall time of trainer methods (wrapped on the instance, from this script only) and of whole steps."""
 
@@ -150,8 +134,10 @@ def child(variant: str, ns: argparse.Namespace) -> dict:
     memory_run = ns.measure == "memory"
     prof = None
     if memory_run and not cuda:
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-        prof.__enter__()  # before the model (and the reference model) is allocated
+        from fdpo.divergences.profiling import cpu_memory_profile
+
+        profiling = cpu_memory_profile()  # kineto's start/stop lines kept off the table
+        prof = profiling.__enter__()  # before the model (and the reference model) is allocated
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -225,8 +211,10 @@ def child(variant: str, ns: argparse.Namespace) -> dict:
         if cuda:
             out["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
-            prof.__exit__(None, None, None)
-            peak, final = _allocator_peak(prof)
+            from fdpo.divergences.profiling import allocator_trace_peak
+
+            profiling.__exit__(None, None, None)
+            peak, final = allocator_trace_peak(prof)
             out["peak_mb"], out["held_mb"] = peak / 2**20, final / 2**20
         return out
     steps = timers.steps[1:]  # the first step pays one-off costs (allocator warm-up, lazy init)
@@ -258,7 +246,7 @@ def build_random_model(tiny_dir: Path, out: Path, hidden: int, layers: int) -> P
 
 def make_store(ns: argparse.Namespace) -> str:
     """`fdpo presample` on the benchmark data (the hash reward, pef_threshold 0.5): the DPH-RL store."""
-    from fdpo.data.presample import presample, resolve_presample_settings
+    from fdpo.recipe.presample import presample_recipe
 
     recipe = Path(ns.work) / "presample.yaml"
     recipe.write_text(
@@ -268,7 +256,7 @@ def make_store(ns: argparse.Namespace) -> str:
         f"per_device_train_batch_size: {ns.batch}\n"
     )
     sys.path.insert(0, str(HERE))
-    manifest = presample(resolve_presample_settings(recipe))
+    manifest = presample_recipe(recipe)
     return manifest["out_dir"]
 
 
