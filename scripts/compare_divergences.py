@@ -46,10 +46,10 @@ def main() -> None:
 
     import torch
 
-    from fdpo.data.presample import presample_recipe
     from fdpo.eval.evaluate import evaluate_checkpoint
     from fdpo.recipe import load_recipe
     from fdpo.recipe.load import parse_override_value
+    from fdpo.recipe.presample import presample_recipe
     from fdpo.train import run_training
 
     torch.set_num_threads(1)
