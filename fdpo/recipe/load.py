@@ -312,13 +312,18 @@ def load_recipe(
         raise RecipeError(f"{where}: missing key 'output_dir' (where checkpoints and the final model go).")
     if recipe_kw.get("dataset_name") is None:
         raise RecipeError(f"{where}: missing key 'dataset_name' (a local data file/directory or hub name).")
+    recipe_args, model_args, training_args = build_arguments(recipe_kw, model_kw, train_kw, config_cls, where)
+    return Recipe(path=path, raw=raw, recipe_args=recipe_args, model_args=model_args, training_args=training_args)
+
+
+def build_arguments(recipe_kw: dict[str, Any], model_kw: dict[str, Any], train_kw: dict[str, Any],
+                    config_cls: type, where: str) -> tuple[RecipeArguments, ModelConfig, Any]:
+    """This machine's defaults (no reporting, precision, quiet CPU settings), then the three argument
+    dataclasses of a recipe; a value TRL's own checks refuse is one error naming the recipe."""
     train_kw.setdefault("report_to", "none")
     default_precision_for_this_machine(train_kw)
     quiet_defaults_for_this_machine(train_kw, config_cls)
     try:
-        recipe_args = RecipeArguments(**recipe_kw)
-        model_args = ModelConfig(**model_kw)
-        training_args = config_cls(**train_kw)
+        return RecipeArguments(**recipe_kw), ModelConfig(**model_kw), config_cls(**train_kw)
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{where}: invalid combination of values: {exc}") from exc
-    return Recipe(path=path, raw=raw, recipe_args=recipe_args, model_args=model_args, training_args=training_args)

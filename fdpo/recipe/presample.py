@@ -22,8 +22,7 @@ from fdpo.errors import RecipeError
 from fdpo.recipe.load import (
     Recipe,
     RecipeArguments,
-    default_precision_for_this_machine,
-    quiet_defaults_for_this_machine,
+    build_arguments,
     read_yaml,
     validate_keys,
 )
@@ -65,13 +64,8 @@ def load_presample_recipe(path: str | Path, overrides: dict[str, Any] | None = N
             f"{where}: key 'trainer' is {trainer!r}; `fdpo presample` samples at a GRPO recipe's generation "
             "settings, so it needs `trainer: grpo`."
         )
-    train_kw.setdefault("report_to", "none")
-    default_precision_for_this_machine(train_kw)
-    quiet_defaults_for_this_machine(train_kw, config_cls)
+    recipe_args, model_args, training_args = build_arguments(recipe_kw, model_kw, train_kw, config_cls, where)
     try:
-        recipe_args = RecipeArguments(**recipe_kw)
-        model_args = ModelConfig(**model_kw)
-        training_args = config_cls(**train_kw)
         presample_args = training_args if mixed_in else PresampleArguments(**pre_kw[0])
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{where}: invalid combination of values: {exc}") from exc
